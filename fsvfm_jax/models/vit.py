@@ -1,0 +1,217 @@
+"""ViT building blocks with timm-compatible parameter names.
+
+The module tree mirrors timm's ``VisionTransformer`` (``patch_embed/proj``, ``blocks_N/attn/qkv``,
+``norm1``, ``mlp/fc1`` ...), so converting to timm or to the published FSFM layout is a rename plus
+a transpose. Numerics follow timm 0.4.5 as used by the published code: pre-norm blocks, exact
+(erf) GELU, explicit softmax attention, LayerNorm eps 1e-6.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+VIT_LN_EPS = 1e-6
+
+# The published code re-initialises every nn.Linear (projector and predictor included) with
+# Xavier-uniform weights and zero biases.
+DENSE_INIT = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
+    """Fixed 2-D sin-cos table ``[1 + G*G, E]`` (MAE layout, SPEC 1.6), float32.
+
+    The first ``E/2`` channels encode the patch column, the last ``E/2`` the row (the published
+    code builds its meshgrid column-first), each half laid out as ``[sin(x w_k), cos(x w_k)]`` with
+    ``w_k = 10000^(-k / (E/4))``. Rows are row-major over the grid; a zero row for cls comes first.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position table needs embed_dim divisible by 4, got {embed_dim}")
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4.0))
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        angles = pos.reshape(-1).astype(np.float64)[:, None] * omega[None, :]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([encode(cols), encode(rows)], axis=1)
+    if cls_token:
+        table = np.concatenate([np.zeros((1, embed_dim)), table], axis=0)
+    return table.astype(np.float32)
+
+
+def patchify(images: jnp.ndarray, patch_size: int) -> jnp.ndarray:
+    """``[B, H, W, C]`` -> ``[B, L, p*p*C]``; patches row-major, vector ordered (row, col, channel).
+
+    This is the published reconstruction target layout (``nchpwq->nhwpqc``) for NHWC input.
+    """
+    b, h, w, c = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+    x = images.reshape(b, h // p, p, w // p, p, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: jnp.ndarray, patch_size: int, channels: int = 3) -> jnp.ndarray:
+    """Inverse of :func:`patchify` for square grids: ``[B, L, p*p*C]`` -> ``[B, H, W, C]``."""
+    b, num_patches, _ = patches.shape
+    g = int(round(num_patches**0.5))
+    if g * g != num_patches:
+        raise ValueError(f"unpatchify needs a square patch grid, got {num_patches} patches")
+    p = patch_size
+    x = patches.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, g * p, g * p, channels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one packed ``qkv`` projection (rows q | k | v, heads
+    contiguous inside each), as timm's ``Attention``."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        b, n, d = x.shape
+        if d % self.num_heads:
+            raise ValueError(f"width {d} is not divisible by {self.num_heads} heads")
+        head_dim = d // self.num_heads
+        qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv", **DENSE_INIT)(x)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
+        weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
+        return nn.Dense(d, dtype=self.dtype, name="proj", **DENSE_INIT)(out)
+
+
+class Mlp(nn.Module):
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        d = x.shape[-1]
+        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **DENSE_INIT)(x)
+        x = nn.gelu(x, approximate=False)
+        return nn.Dense(d, dtype=self.dtype, name="fc2", **DENSE_INIT)(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        d = x.shape[-1]
+        ln = lambda name: nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=self.dtype, name=name)
+        x = x + Attention(self.num_heads, dtype=self.dtype, name="attn")(ln("norm1")(x))
+        x = x + Mlp(int(d * self.mlp_ratio), dtype=self.dtype, name="mlp")(ln("norm2")(x))
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``p x p`` convolution: ``[B, H, W, 3]`` -> ``[B, L, D]`` (row-major tokens)."""
+
+    patch_size: int
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
+        p = self.patch_size
+        x = nn.Conv(
+            self.embed_dim,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=_xavier_uniform_conv,
+            bias_init=_torch_default_conv_bias(3 * p * p),
+            name="proj",
+        )(images)
+        b, gh, gw, d = x.shape
+        return x.reshape(b, gh * gw, d)
+
+
+def _xavier_uniform_conv(key, shape, dtype=jnp.float32):
+    """Xavier-uniform on the conv kernel viewed as a ``[p*p*C, D]`` linear map (SPEC 1.6)."""
+    fan_in = int(np.prod(shape[:-1]))
+    fan_out = shape[-1]
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return nn.initializers.uniform(2 * limit)(key, shape, dtype) - limit
+
+
+def _torch_default_conv_bias(fan_in: int):
+    """PyTorch's default conv bias init ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, which the published
+    code keeps (its weight init only touches Linear and LayerNorm layers)."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return nn.initializers.uniform(2 * bound)(key, shape, dtype) - bound
+
+    return init
+
+
+
+
+def transformer_blocks(x, *, depth, num_heads, mlp_ratio, dtype, remat, prefix):
+    """Apply ``depth`` blocks named ``{prefix}_{i}`` (timm's ``blocks.{i}``) inside a compact module.
+
+    ``remat`` recomputes block activations in the backward pass: memory for large batches.
+    """
+    block_cls = nn.remat(Block) if remat else Block
+    for i in range(depth):
+        x = block_cls(num_heads, mlp_ratio, dtype=dtype, name=f"{prefix}_{i}")(x)
+    return x
+
+
+class ViTEncoder(nn.Module):
+    """timm-style ViT encoder with a fixed sin-cos position table.
+
+    ``ids_keep [B, K]`` selects the visible patches (after positions are added, so order does not
+    matter); ``None`` keeps every patch in natural order. Returns ``[B, 1 + K, D]`` after ``norm``.
+    """
+
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @property
+    def grid_size(self) -> int:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch {self.patch_size}")
+        return self.img_size // self.patch_size
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, ids_keep: jnp.ndarray | None = None) -> jnp.ndarray:
+        if images.shape[1:3] != (self.img_size, self.img_size):
+            raise ValueError(f"expected images of {self.img_size}x{self.img_size}, got {images.shape}")
+        pos = jnp.asarray(sincos_pos_embed_2d(self.embed_dim, self.grid_size), self.dtype)
+        x = PatchEmbed(self.patch_size, self.embed_dim, dtype=self.dtype, name="patch_embed")(images)
+        x = x + pos[None, 1:]
+        if ids_keep is not None:
+            x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+        cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.embed_dim))
+        cls = jnp.broadcast_to(cls.astype(self.dtype) + pos[None, :1], (x.shape[0], 1, self.embed_dim))
+        x = jnp.concatenate([cls, x], axis=1)
+        x = transformer_blocks(
+            x, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+            dtype=self.dtype, remat=self.remat, prefix="blocks",
+        )
+        return nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=self.dtype, name="norm")(x)

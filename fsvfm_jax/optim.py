@@ -1,0 +1,85 @@
+"""Pretraining optimisation (SPEC 2, 1.5): AdamW with the published decay mask, per-step warmup
+and half-cosine learning rate, torch-style global-norm clipping, and the EMA momentum schedule.
+
+Schedules are functions of the optimizer step, so a resumed run recomputes them exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def absolute_lr(base_lr: float, global_batch_size: int) -> float:
+    """The linear scaling rule: ``lr = blr * effective_batch / 256``."""
+    return base_lr * global_batch_size / 256
+
+
+def lr_schedule(peak_lr: float, warmup_steps: float, total_steps: int, min_lr: float = 0.0) -> Callable:
+    """Linear warmup from 0, then half-cosine to ``min_lr``; evaluated per optimizer step.
+
+    The published schedule uses the fractional epoch ``step / steps_per_epoch``; with
+    ``warmup_steps = warmup_epochs * steps_per_epoch`` this is the same function of the step.
+    """
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak_lr * step / jnp.maximum(warmup_steps, 1e-12)
+        progress = (step - warmup_steps) / jnp.maximum(total_steps - warmup_steps, 1e-12)
+        cosine = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def momentum_schedule(base: float, total_steps: int, final: float = 1.0) -> Callable:
+    """``m_i = final - (final - base) * (1 + cos(pi i / T)) / 2``: ``base`` at 0, -> ``final``."""
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        return final - (final - base) * 0.5 * (1.0 + jnp.cos(jnp.pi * step / max(total_steps, 1)))
+
+    return schedule
+
+
+def decay_mask(params):
+    """True where weight decay applies: every parameter that is not 1-D (biases and LayerNorm
+    scales are 1-D). ``cls_token`` and ``mask_token`` are 3-D and decayed, as published (timm 0.4.5
+    ``add_weight_decay`` with no skip list). Position tables are not parameters here."""
+    return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def global_norm(tree) -> jnp.ndarray:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+class ClipState(NamedTuple):
+    pass
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """``torch.nn.utils.clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``."""
+
+    def update(updates, state, params=None):
+        del params
+        coef = jnp.minimum(1.0, max_norm / (global_norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: ClipState(), update)
+
+
+def make_optimizer(lr: Callable | float, *, weight_decay: float = 0.05, b1: float = 0.9, b2: float = 0.95,
+                   eps: float = 1e-8, clip_grad: float | None = 1.0) -> optax.GradientTransformation:
+    """AdamW as torch computes it (decoupled decay ``p <- p (1 - lr wd)``), after clipping."""
+    parts = [clip_by_global_norm_torch(clip_grad)] if clip_grad else []
+    parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def ema_update(target, online, momentum):
+    """``target <- m * target + (1 - m) * online`` for every leaf the target holds."""
+    shared = {k: online[k] for k in target}
+    return jax.tree.map(lambda t, o: (momentum * t + (1.0 - momentum) * o).astype(t.dtype), target, shared)
