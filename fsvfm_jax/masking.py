@@ -1,0 +1,334 @@
+"""Facial masking for masked image modelling: CRFR-P (SPEC 3) and its ablations, in numpy.
+
+Masks are made on the host, in the input pipeline, for a whole batch at once: every step is
+a numpy operation over ``[B, L]`` (or ``[B, 8, L]``) arrays, and the only Python loops run
+over the eight region groups. One ``np.random.Generator`` drives every draw, so a seed fixes
+the masks.
+
+Conventions (shared with the encoder and the losses):
+
+* ``L = (H / p) * (W / p)`` patches, flattened row-major (``l = row * (W / p) + col``).
+* ``img_mask [B, L]`` bool, True = masked (removed from the encoder). Every row holds exactly
+  ``n_masked`` Trues, with ``(n_keep, n_masked) = mask_ratio_to_counts(L, mask_ratio)``.
+* ``fr_mask [B, L]`` bool, the facial-region patches the facial-region loss averages over;
+  always a subset of ``img_mask``.
+
+Strategies (``STRATEGIES``). Only CRFR-P exists in the published code (SPEC 3.4); the other
+three are our definitions of the FSFM paper's masking ablations, documented here because no
+reference implementation exists to match.
+
+* ``"crfrp"``: Covering a Random Facial Region, then Proportional masking, exactly as SPEC 3.3
+  (``_crfrp``).
+* ``"crfr_r"``: Covering a Random Facial Region, then Random masking. The chosen region is
+  covered as in CRFR-P (including the extreme case: a region at or above the budget yields a
+  uniform random ``n_masked``-subset of it), and the rest of the budget is spent uniformly at
+  random over all other patches, with no per-group proportions. ``fr_mask`` is the covered
+  region, as in CRFR-P.
+* ``"fr"``: Facial-Region masking. No single region is covered: the budget is spent
+  uniformly at random over the patches of the six facial groups together (groups 0-5, the
+  groups CRFR-P may cover); only when that union is smaller than the budget is all of it
+  masked and the remainder filled uniformly from the skin/background patches. ``fr_mask`` is
+  the masked part of that union. ``region_choice`` and ``region`` do not apply.
+* ``"random"``: MAE random masking, a uniform ``n_masked``-subset; ``fr_mask`` is empty
+  (SPEC 3.4), so a facial-region loss must guard against an empty mask.
+
+Fidelity notes on CRFR-P:
+
+* The per-group count ``round(|candidates| * k / (L - c))`` is computed exactly in integers
+  with round-half-even. The published code rounds a float product; the two can differ only
+  when that product lies within float error of a half-integer, by one patch of that group
+  before the exact-count fix-up, which then restores the total.
+* ``T`` is the integer ``n_masked``, not the float ``mask_ratio * L``: for 0.75 and L = 196
+  (patch 16) or 256 (patch 14) the two agree (147, 192); for ratios where ``mask_ratio * L`` is
+  not an integer the published fix-up would not reach an exact count at all.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+STRATEGIES = ("crfrp", "random", "fr", "crfr_r")
+REGION_CHOICES = ("batch", "sample")
+
+NUM_LABELS = 11  # LaPa labels of the FACER parser, SPEC 3.1: 0 background ... 10 hair.
+
+
+class RegionGroup(NamedTuple):
+    """A region group of SPEC 3.2: a patch belongs to it if any pixel carries one of ``labels``."""
+
+    name: str
+    labels: tuple[int, ...]
+
+
+REGION_GROUPS = (
+    RegionGroup("eyebrows", (2, 3)),
+    RegionGroup("eyes", (4, 5)),
+    RegionGroup("nose", (6,)),
+    RegionGroup("mouth", (7, 8, 9)),
+    # Special rule, not a label set: a patch with a hair-or-background pixel (10 or 0) AND a
+    # skin pixel (1).
+    RegionGroup("facial_boundary", ()),
+    RegionGroup("hair", (10,)),
+    RegionGroup("skin", (1,)),
+    RegionGroup("background", (0,)),
+)
+BOUNDARY_GROUP = 4
+NUM_CHOOSABLE_GROUPS = 6  # the published collate draws the covered region from groups 0-5 only
+
+_NUM_GROUPS = len(REGION_GROUPS)
+_HAIR_OR_BACKGROUND_BITS = (1 << 0) | (1 << 10)
+_SKIN_BITS = 1 << 1
+
+
+def mask_ratio_to_counts(num_patches: int, mask_ratio: float) -> tuple[int, int]:
+    """``(n_keep, n_masked)`` for ``num_patches`` patches, with ``n_keep = int(L * (1 - ratio))``.
+
+    The keep count is the encoder's static token count (``models/fsfm.py``, MAE's
+    ``len_keep``), so the masks are sized from it: ``n_masked = L - n_keep``. For the published
+    0.75 this equals ``floor(0.75 * L)`` (196 -> (49, 147), 256 -> (64, 192)), and so for every
+    ratio with ``ratio * L`` an integer; otherwise ``n_masked`` is one more than
+    ``floor(ratio * L)`` (0.9 of 196 -> (19, 177)). Float arithmetic is kept as the encoder does
+    it (0.9 of 100 keeps 9, not 10), so the two can never disagree.
+    """
+    if isinstance(num_patches, bool) or not isinstance(num_patches, (int, np.integer)) or num_patches < 2:
+        raise ValueError(f"num_patches must be an integer >= 2, got {num_patches!r}")
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (float, int, np.floating, np.integer)):
+        raise TypeError(f"mask_ratio must be a real number, got {type(mask_ratio).__name__}")
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must lie strictly between 0 and 1, got {mask_ratio!r}")
+    n_keep = int(num_patches * (1 - mask_ratio))
+    n_masked = int(num_patches) - n_keep
+    if n_keep == 0 or n_masked == 0:
+        raise ValueError(
+            f"mask_ratio {mask_ratio!r} over {num_patches} patches gives n_keep={n_keep}, "
+            f"n_masked={n_masked}; both must be at least 1")
+    return n_keep, n_masked
+
+
+def _patch_label_bits(parsing_maps: np.ndarray, patch_size: int) -> np.ndarray:
+    """Per-patch label presence as a bitmask: ``[B, L]`` uint16, bit ``j`` set if any pixel is ``j``.
+
+    One shift per pixel and an OR-reduction over the patch axes; this is the max-pool of all
+    eleven label indicators at once, and the costliest step of mask making.
+    """
+    maps = np.asarray(parsing_maps)
+    if maps.ndim == 4:
+        if maps.shape[1] != 1:
+            raise ValueError(f"parsing_maps [B, 1, H, W] must have one channel, got shape {maps.shape}")
+        maps = maps[:, 0]
+    if maps.ndim != 3:
+        raise ValueError(f"parsing_maps must be [B, H, W] or [B, 1, H, W], got shape {maps.shape}")
+    if maps.dtype == np.bool_ or not np.issubdtype(maps.dtype, np.integer):
+        raise TypeError(f"parsing_maps must hold integer labels (int8/uint8), got dtype {maps.dtype}")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
+    b, h, w = maps.shape
+    if b == 0:
+        raise ValueError("parsing_maps holds an empty batch")
+    if h % patch_size or w % patch_size or h == 0 or w == 0:
+        raise ValueError(f"parsing map size {h}x{w} is not a positive multiple of patch_size {patch_size}")
+    if maps.dtype.itemsize == 1:
+        labels = maps.view(np.uint8)  # int8 negatives become >= 128 and fail the range check
+        bad = labels.max() >= NUM_LABELS
+    else:
+        bad = maps.min() < 0 or maps.max() >= NUM_LABELS
+        labels = maps.astype(np.uint8) if not bad else maps
+    if bad:
+        found = np.unique(maps[(maps < 0) | (maps >= NUM_LABELS)])
+        raise ValueError(f"parsing_maps labels must lie in 0..{NUM_LABELS - 1}; found {found[:8].tolist()}")
+    pixel_bits = np.left_shift(np.uint16(1), labels, dtype=np.uint16)
+    gh, gw = h // patch_size, w // patch_size
+    pixel_bits = pixel_bits.reshape(b, gh, patch_size, gw, patch_size)
+    patch_bits = np.bitwise_or.reduce(np.bitwise_or.reduce(pixel_bits, axis=2), axis=-1)
+    return patch_bits.reshape(b, gh * gw)
+
+
+def _membership_from_bits(patch_bits: np.ndarray) -> np.ndarray:
+    """``[B, L]`` label bitmasks -> ``[B, 8, L]`` bool group membership (SPEC 3.2)."""
+    membership = np.empty((patch_bits.shape[0], _NUM_GROUPS, patch_bits.shape[1]), dtype=bool)
+    for g, group in enumerate(REGION_GROUPS):
+        if g == BOUNDARY_GROUP:
+            membership[:, g] = ((patch_bits & _HAIR_OR_BACKGROUND_BITS) != 0) & ((patch_bits & _SKIN_BITS) != 0)
+        else:
+            membership[:, g] = (patch_bits & sum(1 << lab for lab in group.labels)) != 0
+    return membership
+
+
+def patch_region_membership(parsing_maps: np.ndarray, patch_size: int) -> np.ndarray:
+    """Which region groups each patch belongs to: bool ``[B, 8, L]``, groups in ``REGION_GROUPS`` order.
+
+    ``parsing_maps`` is ``[B, H, W]`` or ``[B, 1, H, W]`` integer labels 0..10 (int8/uint8 as
+    stored); H and W must be multiples of ``patch_size``. A patch belongs to a group if any of
+    its pixels carries one of the group's labels; the facial-boundary group (index 4) instead
+    needs a hair-or-background pixel and a skin pixel. A patch usually belongs to several groups.
+    """
+    return _membership_from_bits(_patch_label_bits(parsing_maps, patch_size))
+
+
+def _claim(membership: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Claimed-set partition of SPEC 3.3: ``[B, L]`` int, the group each patch is assigned to.
+
+    The chosen region claims its patches first; every other patch goes to the first group in
+    list order that contains it. Every patch has a label, so every patch is assigned.
+    """
+    rows = np.arange(membership.shape[0])
+    chosen = membership[rows, regions]
+    others = membership.copy()
+    others[rows, regions] = False
+    return np.where(chosen, regions[:, None], np.argmax(others, axis=1))
+
+
+def _group_sizes(assignment: np.ndarray) -> np.ndarray:
+    """``[B, L]`` group assignment -> ``[B, 8]`` int64 number of patches per group."""
+    return (assignment[:, None, :] == np.arange(_NUM_GROUPS)[None, :, None]).sum(axis=2)
+
+
+def _quotas(sizes: np.ndarray, regions: np.ndarray, n_masked: int) -> np.ndarray:
+    """Per-group masked counts before the fix-up, ``[B, 8]``, from the claimed sizes ``[B, 8]``.
+
+    Chosen group: all ``c`` patches. Normal case (``c < T``): every other group gets
+    ``round_half_even(size * k / (L - c))`` with ``k = T - c``, computed exactly in integers.
+    Extreme case (``c >= T``): other groups get none; the fix-up trims the region to ``T``.
+    """
+    rows = np.arange(sizes.shape[0])
+    num_patches = sizes.sum(axis=1, keepdims=True)
+    covered = sizes[rows, regions][:, None]
+    k = np.maximum(n_masked - covered, 0)
+    denominator = np.maximum(num_patches - covered, 1)  # c == L only in the extreme case, where k == 0
+    quotient, remainder = np.divmod(sizes * k, denominator)
+    twice = 2 * remainder
+    round_up = (twice > denominator) | ((twice == denominator) & (quotient % 2 == 1))
+    quotas = quotient + round_up
+    quotas[rows, regions] = covered[:, 0]
+    return quotas
+
+
+def crfrp_planned_counts(membership: np.ndarray, regions: np.ndarray, n_masked: int) -> tuple[np.ndarray, np.ndarray]:
+    """CRFR-P's plan before the exact-count fix-up: ``(sizes, quotas)``, both int ``[B, 8]``.
+
+    ``membership`` is ``patch_region_membership``'s ``[B, 8, L]``; ``regions [B]`` the covered
+    group of each sample; ``n_masked`` the target ``T``. ``sizes[b, j]`` counts the patches
+    assigned to group ``j`` by the claimed-set rule (the candidates of SPEC 3.3); ``quotas[b, j]``
+    how many of them CRFR-P masks before the fix-up. Exposed so tests can check the
+    proportional step on its own; ``make_masks`` uses the same plan.
+    """
+    membership = np.asarray(membership, dtype=bool)
+    regions = np.asarray(regions)
+    if membership.ndim != 3 or membership.shape[1] != _NUM_GROUPS:
+        raise ValueError(f"membership must be [B, {_NUM_GROUPS}, L], got shape {membership.shape}")
+    if regions.shape != membership.shape[:1] or not np.issubdtype(regions.dtype, np.integer):
+        raise ValueError(f"regions must be an integer array [B={membership.shape[0]}], got {regions.dtype} {regions.shape}")
+    if ((regions < 0) | (regions >= _NUM_GROUPS)).any():
+        raise ValueError(f"regions must lie in 0..{_NUM_GROUPS - 1}")
+    if not 0 < n_masked < membership.shape[2]:
+        raise ValueError(f"n_masked must lie in 1..L-1 = {membership.shape[2] - 1}, got {n_masked}")
+    sizes = _group_sizes(_claim(membership, regions))
+    return sizes, _quotas(sizes, regions, n_masked)
+
+
+def _scatter_sorted(order: np.ndarray, selected_sorted: np.ndarray) -> np.ndarray:
+    """Undo a per-row argsort: ``out[b, order[b, i]] = selected_sorted[b, i]``."""
+    out = np.empty(order.shape, dtype=bool)
+    np.put_along_axis(out, order, selected_sorted, axis=1)
+    return out
+
+
+def _take_first(keys: np.ndarray, counts: np.ndarray | int) -> np.ndarray:
+    """Per row, mark the ``counts[b]`` patches with the smallest keys: bool ``[B, L]``.
+
+    With ``keys = priority + uniform`` (priority a small integer per patch) this draws exactly
+    ``counts[b]`` patches, exhausting lower priorities first and uniformly at random within a
+    priority. Ranking by argsort (not thresholding) keeps the count exact even under key ties.
+    """
+    order = np.argsort(keys, axis=1)
+    selected_sorted = np.arange(keys.shape[1])[None, :] < np.reshape(counts, (-1, 1))
+    return _scatter_sorted(order, selected_sorted)
+
+
+def _take_quotas(assignment: np.ndarray, quotas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per row and group ``j``, mask ``quotas[b, j]`` uniform random patches assigned to ``j``.
+
+    One argsort of ``group + uniform`` lays each row out group by group, every group in random
+    order; a patch is taken when its rank inside its group is below the group's quota. The
+    groups are disjoint, so this equals SPEC 3.3's sequential per-group ``randperm`` draws.
+    """
+    order = np.argsort(assignment + rng.random(assignment.shape), axis=1)
+    group_sorted = np.take_along_axis(assignment, order, axis=1)
+    sizes = _group_sizes(assignment)
+    starts = np.cumsum(sizes, axis=1) - sizes
+    rank_in_group = np.arange(assignment.shape[1])[None, :] - np.take_along_axis(starts, group_sorted, axis=1)
+    return _scatter_sorted(order, rank_in_group < np.take_along_axis(quotas, group_sorted, axis=1))
+
+
+def _crfrp(membership: np.ndarray, regions: np.ndarray, n_masked: int,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """SPEC 3.3 for a batch: ``(img_mask, fr_mask)`` bool ``[B, L]``.
+
+    Stage 1 masks the chosen region and each other group's quota. Stage 2 is the exact-count
+    fix-up, one draw for every row: ``k' > 0`` masks ``k'`` unmasked patches; ``k' < 0`` unmasks
+    ``|k'|`` masked patches outside the region; in the extreme case (``c >= T``, where stage 1
+    masked only the region) it unmasks ``c - T`` region patches. All three toggle a uniform
+    subset of a pool whose patches share one state, hence the XOR.
+    """
+    rows = np.arange(membership.shape[0])
+    assignment = _claim(membership, regions)
+    region_mask = membership[rows, regions]
+    quotas = _quotas(_group_sizes(assignment), regions, n_masked)
+    stage1 = _take_quotas(assignment, quotas, rng)
+    extreme = quotas[rows, regions] >= n_masked
+    deficit = n_masked - stage1.sum(axis=1)
+    pool = np.where((deficit > 0)[:, None], ~stage1,
+                    np.where(extreme[:, None], region_mask, stage1 & ~region_mask))
+    img_mask = stage1 ^ _take_first(~pool + rng.random(pool.shape), np.abs(deficit))
+    return img_mask, np.where(extreme[:, None], img_mask, region_mask)
+
+
+def _choose_regions(batch: int, rng: np.random.Generator, region_choice: str, region: int | None) -> np.ndarray:
+    """The covered group of each sample, int ``[B]``: fixed, one draw per batch, or one per sample."""
+    if region is not None:
+        if isinstance(region, bool) or not isinstance(region, (int, np.integer)) or not 0 <= region < _NUM_GROUPS:
+            raise ValueError(f"region must be a group index in 0..{_NUM_GROUPS - 1} or None, got {region!r}")
+        return np.full(batch, region, dtype=np.int64)
+    if region_choice == "batch":
+        return np.full(batch, rng.integers(NUM_CHOOSABLE_GROUPS), dtype=np.int64)
+    return rng.integers(NUM_CHOOSABLE_GROUPS, size=batch)
+
+
+def make_masks(parsing_maps: np.ndarray, *, patch_size: int, mask_ratio: float, rng: np.random.Generator,
+               strategy: str = "crfrp", region_choice: str = "batch",
+               region: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Masks for one batch: ``(img_mask, fr_mask)``, both bool ``[B, L]``, True = masked.
+
+    ``parsing_maps`` ``[B, H, W]`` or ``[B, 1, H, W]`` int8/uint8 LaPa labels 0..10.
+    Every row of ``img_mask`` has exactly ``n_masked`` Trues (``mask_ratio_to_counts``) and
+    ``fr_mask`` is a subset of it. ``strategy`` is one of ``STRATEGIES`` (module docstring).
+    For ``"crfrp"`` and ``"crfr_r"`` the covered group is drawn from groups 0-5: once for the
+    batch (``region_choice="batch"``, as published) or once per sample (``"sample"``);
+    ``region`` fixes it instead (any of 0-7, for tests and pictures). All randomness comes
+    from ``rng``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if region_choice not in REGION_CHOICES:
+        raise ValueError(f"region_choice must be one of {REGION_CHOICES}, got {region_choice!r}")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    patch_bits = _patch_label_bits(parsing_maps, patch_size)
+    batch, num_patches = patch_bits.shape
+    _, n_masked = mask_ratio_to_counts(num_patches, mask_ratio)
+    if strategy == "random":
+        img_mask = _take_first(rng.random((batch, num_patches)), n_masked)
+        return img_mask, np.zeros_like(img_mask)
+    membership = _membership_from_bits(patch_bits)
+    if strategy == "fr":
+        facial = membership[:, :NUM_CHOOSABLE_GROUPS].any(axis=1)
+        img_mask = _take_first(~facial + rng.random(facial.shape), n_masked)
+        return img_mask, img_mask & facial
+    regions = _choose_regions(batch, rng, region_choice, region)
+    if strategy == "crfr_r":
+        region_mask = membership[np.arange(batch), regions]
+        img_mask = _take_first(~region_mask + rng.random(region_mask.shape), n_masked)
+        return img_mask, img_mask & region_mask
+    return _crfrp(membership, regions, n_masked, rng)
