@@ -1,0 +1,16 @@
+"""The CPU demo: the tiny ViT on the bundled demo faces, a few minutes on 2 cores."""
+
+from fsvfm_jax.config import pretrain_config
+
+
+def get_config():
+    c = pretrain_config("tiny")
+    c.data.roots = ("demo_data",)
+    c.global_batch_size = 16
+    c.accum_steps = 1
+    c.total_steps = 150
+    c.warmup_epochs = 1
+    c.base_lr = 1.5e-3
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 50
+    return c

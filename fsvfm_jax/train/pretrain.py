@@ -1,0 +1,179 @@
+"""The pretraining loop, in the order it runs: workdir -> mesh -> input pipeline -> model and
+optimizer -> sharded init -> compiled step -> checkpoint/resume -> loop.
+
+``WORKDIR`` receives ``config.json``, ``pretrain_ds_mean_std.txt`` (the normalisation the run used,
+which travels with exports), ``metrics.jsonl`` (one JSON object per logged step), ``train.log`` and
+``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fsvfm_jax import checkpoint, sharding
+from fsvfm_jax.data import stats
+from fsvfm_jax.data.pipeline import make_pretrain_dataset
+from fsvfm_jax.models.fsfm import fsfm_config, init_params
+from fsvfm_jax.optim import absolute_lr, lr_schedule, make_optimizer, momentum_schedule
+from fsvfm_jax.train.step import init_state, make_loss_fn, make_train_step
+
+log = logging.getLogger("fsvfm_jax.pretrain")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def model_config(config: ml_collections.ConfigDict):
+    m = config.model
+    return fsfm_config(m.size, img_size=m.img_size, rep_decoder_pos_embed=m.rep_decoder_pos_embed,
+                       dtype=jnp.dtype(m.dtype), remat=m.remat)
+
+
+def _setup_workdir(workdir: Path, config, resume: bool) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpts = workdir / "checkpoints"
+    has_ckpt = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+    if has_ckpt and not resume:
+        raise FileExistsError(f"{workdir} already holds checkpoints; pass --resume to continue that run, "
+                              "or choose another --workdir")
+    if resume and not has_ckpt:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpts}")
+    config_file = workdir / "config.json"
+    if resume and config_file.exists():
+        saved = json.loads(config_file.read_text())
+        for key in ("size", "img_size"):
+            if saved["model"][key] != config.model[key]:
+                raise ValueError(f"--resume: {config_file} has model.{key}={saved['model'][key]!r}, "
+                                 f"the config asks for {config.model[key]!r}")
+    config_file.write_text(config.to_json_best_effort(indent=2))
+    handler = logging.FileHandler(workdir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("fsvfm_jax").addHandler(handler)
+
+
+def _mean_std(config, workdir: Path):
+    """Normalisation statistics: the configured file, else the first root's, else VGGFace2's
+    published values (with a warning). The file actually used is copied into the workdir."""
+    candidates = [Path(config.data.mean_std_file)] if config.data.mean_std_file else []
+    candidates.append(Path(config.data.roots[0]) / stats.MEAN_STD_FILENAME)
+    for path in candidates:
+        if path.is_file():
+            if path.resolve() != (workdir / stats.MEAN_STD_FILENAME).resolve():
+                shutil.copyfile(path, workdir / stats.MEAN_STD_FILENAME)
+            return stats.read_mean_std(path)
+    mean, std = stats.read_mean_std(candidates[-1])  # falls back, warns
+    stats.write_mean_std(workdir / stats.MEAN_STD_FILENAME, mean, std)
+    return mean, std
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False) -> dict:
+    """Run (or resume) pretraining; returns the last logged metrics."""
+    workdir = Path(workdir)
+    if not config.data.roots:
+        raise ValueError("config.data.roots is empty: give one or more dataset roots (--config.data.roots=...)")
+    _setup_workdir(workdir, config, resume)
+    if config.model.matmul_precision != "default":
+        jax.config.update("jax_default_matmul_precision", config.model.matmul_precision)
+
+    # --- mesh ------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    sharding.check_batch_fits(config.global_batch_size, config.accum_steps, mesh)
+    log.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape), mesh.size,
+             jax.devices()[0].platform, jax.process_count())
+
+    # --- input pipeline ----------------------------------------------------------------------
+    mcfg = model_config(config)
+    data = make_pretrain_dataset(
+        list(config.data.roots), batch_size=config.global_batch_size // jax.process_count(),
+        image_size=mcfg.img_size, patch_size=mcfg.patch_size, mask_ratio=config.data.mask_ratio,
+        mask_strategy=config.data.mask_strategy, region_choice=config.data.region_choice,
+        seed=config.seed, worker_count=config.data.worker_count, skip_bad=config.data.skip_bad,
+    )
+    iterator = data.iterator()
+    steps_per_epoch = data.batches_per_epoch
+    total_steps = config.total_steps or config.epochs * steps_per_epoch
+    mean, std = _mean_std(config, workdir)
+    log.info("data: %d images (%d skipped while indexing), %d steps/epoch, %d steps; mean %s std %s",
+             data.num_examples, getattr(data.source, "num_skipped", 0), steps_per_epoch, total_steps,
+             np.round(mean, 4).tolist(), np.round(std, 4).tolist())
+
+    # --- model and optimizer -----------------------------------------------------------------
+    peak_lr = absolute_lr(config.base_lr, config.global_batch_size)
+    lr_fn = lr_schedule(peak_lr, config.warmup_epochs * steps_per_epoch, total_steps, config.min_lr)
+    optimizer = make_optimizer(lr_fn, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+                               clip_grad=config.clip_grad or None)
+    micro = config.ema.cadence == "micro"
+    momentum_fn = momentum_schedule(config.ema.momentum, total_steps * (config.accum_steps if micro else 1),
+                                    config.ema.final_momentum)
+    loss_fn = make_loss_fn(mcfg, mask_ratio=config.data.mask_ratio, mean=mean, std=std, **config.loss.to_dict())
+    step_fn = make_train_step(loss_fn, optimizer, lr_fn=lr_fn, momentum_fn=momentum_fn,
+                              accum_steps=config.accum_steps, ema_cadence=config.ema.cadence)
+
+    # --- sharded init (no full copy on one device) -----------------------------------------------
+    def init(rng):
+        return init_state(*init_params(mcfg, rng), optimizer)
+
+    abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
+    state_shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+    log.info("model %s: %.2fM online parameters, peak lr %.3g", config.model.size, n_params / 1e6, peak_lr)
+
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+    # --- checkpoint / resume -------------------------------------------------------------------
+    manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
+    if resume:
+        abstract = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
+        start_step, state = checkpoint.restore(manager, abstract, iterator)
+        log.info("resumed from step %d", start_step)
+    else:
+        state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
+        start_step = 0
+
+    # --- loop ----------------------------------------------------------------------------------
+    n_masked = data.num_patches - mcfg.n_keep(config.data.mask_ratio)
+    metrics_file = (workdir / "metrics.jsonl").open("a")
+    last, t0, seen = {}, time.perf_counter(), 0
+    step = start_step
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            local = next(iterator)
+            bad = np.flatnonzero(local["img_mask"].sum(1) != n_masked)
+            if bad.size:
+                raise ValueError(f"step {step}: masks of batch rows {bad[:5].tolist()} do not mask exactly {n_masked} patches")
+            state, metrics = train_step(state, sharding.global_batch(local, mesh))
+            seen += config.global_batch_size
+            if step % config.log_every_steps == 0 or step == total_steps or step == start_step + 1:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - t0
+                last = {"step": step, "epoch": step / steps_per_epoch,
+                        **{k: float(v) for k, v in metrics.items()},
+                        "images_per_s": seen / elapsed, "skipped_records": iterator.num_skipped}
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                log.info("step %d/%d  loss %.4f (rec %.4f fr %.4f cl %.4f)  lr %.3g  m %.5f  %.1f img/s",
+                         step, total_steps, last["loss"], last["loss_rec_all"], last["loss_rec_fr"],
+                         last["loss_cl"], last["lr"], last["momentum"], last["images_per_s"])
+                if metrics["nonfinite"] or not math.isfinite(last["loss"]):
+                    raise NonFiniteLossError(f"non-finite loss at step {step}; the update was skipped and "
+                                             f"training stops (last checkpoint: {manager.latest_step()})")
+                t0, seen = time.perf_counter(), 0
+            if step % config.checkpoint_every_steps == 0 or step == total_steps:
+                checkpoint.save(manager, step, state, iterator)
+                log.info("saved checkpoint %d", step)
+    finally:
+        metrics_file.close()
+        manager.close()
+    return last
