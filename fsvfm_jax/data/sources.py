@@ -162,7 +162,18 @@ class ArrayRecordSource:
                 files.append(p)
             else:
                 raise DataError(f"ArrayRecord path {p} does not exist")
+        from array_record.python.array_record_module import ArrayRecordReader
+
         self.paths = files
+        counts = []
+        for f in files:  # per-shard counts, so errors can name the shard file
+            try:
+                reader = ArrayRecordReader(f)
+            except Exception as e:  # the C++ reader raises RuntimeError/ValueError variants
+                raise DataError(f"{f}: not a readable ArrayRecord file ({e})") from None
+            counts.append(reader.num_records())
+            reader.close()
+        self._offsets = np.cumsum([0] + counts)
         self._source = grain.sources.ArrayRecordDataSource(files)
         self.num_records = len(self._source)
         if self.num_records == 0:
@@ -174,9 +185,11 @@ class ArrayRecordSource:
         return self.num_records
 
     def __getitem__(self, index: int) -> RawRecord:
-        where = f"record {int(index)} of {_listing(self.paths)}"
+        index = int(index)
+        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        where = f"record {index - self._offsets[shard]} of {self.paths[shard]}"
         try:
-            name, png, npy = parse_record(self._source[int(index)], where)
+            name, png, npy = parse_record(self._source[index], where)
         except DataError as e:
             return RawRecord(where, where, None, None, str(e))
         return RawRecord(f"{name}.png ({where})", f"{name}.npy ({where})", png, npy)

@@ -1,0 +1,192 @@
+"""Dataset mean/std for input normalisation and the ``pretrain_ds_mean_std.txt`` file.
+
+Why exact: the published ``get_mean_std`` averages per-batch means (SPEC 4.5), which
+weights batches equally and depends on the batch size. We count every pixel once:
+per-channel 256-bin histograms of the images *as the model sees them* (decoded, RGB,
+resized to the input size with bicubic, uint8) are summed as integers, and
+
+    mean_c = sum(x) / (N * 255),   std_c = sqrt(sum(x^2) / N - (sum(x) / N)^2) / 255
+
+(population std, i.e. divided by N, over all N pixels of all images) are evaluated from
+exact integer sums, so the result is independent of batching, worker count and order.
+
+File format (SPEC 4.5): one JSON line ``{"mean": [r, g, b], "std": [r, g, b]}`` in the
+[0, 1] RGB scale. The published code appends a line on every launch and readers use
+the first line; `read_mean_std` does the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fsvfm_jax.data.records import BadRecordError, DataError, decode_record
+
+log = logging.getLogger(__name__)
+
+FILENAME = "pretrain_ds_mean_std.txt"
+# VGGFace2 statistics hard-coded in the published fine-tuning code (SPEC 4.5).
+VGGFACE2_MEAN = (0.5482207536697388, 0.42340534925460815, 0.3654651641845703)
+VGGFACE2_STD = (0.2789176106452942, 0.2438540756702423, 0.23493893444538116)
+
+_OFFSETS = np.array([0, 256, 512], np.int32)
+
+
+def channel_histogram(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] RGB -> int64 [3, 256] per-channel value counts."""
+    flat = image.reshape(-1, 3).astype(np.int32) + _OFFSETS
+    return np.bincount(flat.ravel(), minlength=768).reshape(3, 256).astype(np.int64)
+
+
+def mean_std_from_histogram(hist: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """int [3, 256] pixel-value counts -> (mean, std) per channel in [0, 1] scale.
+
+    Sums are Python integers (no overflow, no rounding); only the final division and
+    square root round.
+    """
+    hist = np.asarray(hist)
+    means, stds = [], []
+    for c in range(3):
+        counts = [int(v) for v in hist[c]]
+        n = sum(counts)
+        if n == 0:
+            raise DataError("no pixels counted")
+        s1 = sum(v * k for v, k in enumerate(counts))
+        s2 = sum(v * v * k for v, k in enumerate(counts))
+        means.append(s1 / (n * 255))
+        stds.append(math.sqrt((n * s2 - s1 * s1) / (n * n * 255 * 255)))
+    return tuple(means), tuple(stds)
+
+
+# Worker-process globals for compute_mean_std (set by the pool initializer).
+_WORK = {}
+
+
+def _init_worker(source, image_size, skip_bad):
+    _WORK.update(source=source, image_size=image_size, skip_bad=skip_bad)
+
+
+def _histogram_of(indices: Sequence[int]) -> tuple[np.ndarray, int, list[str]]:
+    """Histogram of records ``indices``; with skip_bad, also the skipped messages."""
+    source, size, skip_bad = _WORK["source"], _WORK["image_size"], _WORK["skip_bad"]
+    hist = np.zeros((3, 256), np.int64)
+    skipped = []
+    for i in indices:
+        try:
+            image = decode_record(source[i], size)["image"]
+        except BadRecordError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+            continue
+        hist += channel_histogram(image)
+    return hist, len(indices), skipped
+
+
+def compute_mean_std(paths_or_source, *, image_size: int = 224, workers: int = 0,
+                     skip_bad: bool = False, chunk: int = 64,
+                     progress: Callable[[int, int], None] | None = None):
+    """Exact per-channel mean and population std over all pixels of all records.
+
+    Args:
+      paths_or_source: dataset roots / ArrayRecord shards (as the pipeline takes) or a
+        source from sources.py.
+      image_size: side the images are resized to first (bicubic), as in training.
+      workers: processes decoding in parallel; 0 decodes here.
+      skip_bad: skip (count and log) records that fail validation instead of raising;
+        the statistics then cover exactly the records the pipeline would use.
+      chunk: records per work item.
+      progress: called as progress(done, total) after each chunk.
+
+    Returns:
+      (mean, std, info): two 3-tuples of floats in [0, 1] RGB scale, and a dict with
+      'records', 'pixels_per_channel' and 'skipped' (list of messages).
+    """
+    from fsvfm_jax.data.sources import open_source  # deferred: keeps this module light
+
+    source = paths_or_source
+    if isinstance(source, (str, os.PathLike, list, tuple)):
+        source = open_source(source, skip_bad=skip_bad)
+    n = len(source)
+    chunks = [range(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    hist = np.zeros((3, 256), np.int64)
+    skipped, done = [], 0
+
+    def add(result):
+        nonlocal hist, done
+        h, k, sk = result
+        hist += h
+        skipped.extend(sk)
+        done += k
+        if progress is not None:
+            progress(done, n)
+
+    if workers > 0:
+        # spawn, not fork: the caller may hold threads (JAX, Grain) that fork would copy badly.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, _init_worker, (source, image_size, skip_bad)) as pool:
+            for result in pool.imap_unordered(_histogram_of, chunks):
+                add(result)
+    else:
+        _init_worker(source, image_size, skip_bad)
+        for c in chunks:
+            add(_histogram_of(c))
+    for msg in skipped:
+        log.warning("skipped bad record: %s", msg)
+    if skipped:
+        log.warning("%d bad record(s) skipped while computing mean/std", len(skipped))
+    mean, std = mean_std_from_histogram(hist)
+    info = {"records": n - len(skipped), "pixels_per_channel": int(hist[0].sum()),
+            "skipped": skipped + [f"{p}: {why}" for p, why in getattr(source, "skipped", [])]}
+    return mean, std, info
+
+
+def write_mean_std(path, mean: Sequence[float], std: Sequence[float], *, append: bool = False) -> str:
+    """Writes the one-JSON-line stats file; ``path`` may be a folder (FILENAME inside).
+
+    Overwrites by default (the published code appends; readers use the first line, so
+    an appended line would be ignored). Returns the file path.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, FILENAME)
+    for name, v in (("mean", mean), ("std", std)):
+        if len(v) != 3:
+            raise ValueError(f"{name} must have 3 channel values, got {list(v)}")
+    line = json.dumps({"mean": [float(x) for x in mean], "std": [float(x) for x in std]})
+    with open(path, "a" if append else "w") as f:
+        f.write(line + "\n")
+    return path
+
+
+def read_mean_std(path_or_dir) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) from the FIRST line of a stats file (or of FILENAME in a folder).
+
+    A missing file falls back to the published VGGFace2 values with a warning (as the
+    published fine-tuning code does); a malformed file is an error naming it.
+    """
+    path = os.fspath(path_or_dir)
+    if os.path.isdir(path):
+        path = os.path.join(path, FILENAME)
+    if not os.path.exists(path):
+        log.warning("%s not found; using the published VGGFace2 mean/std %s / %s",
+                    path, VGGFACE2_MEAN, VGGFACE2_STD)
+        return VGGFACE2_MEAN, VGGFACE2_STD
+    with open(path) as f:
+        first = f.readline()
+    try:
+        d = json.loads(first)
+        mean = tuple(float(x) for x in d["mean"])
+        std = tuple(float(x) for x in d["std"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: first line is not {{\"mean\": [r,g,b], \"std\": [r,g,b]}} "
+                        f"({type(e).__name__}: {e}): {first[:200]!r}") from None
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        raise DataError(f"{path}: expected 3 means and 3 positive stds, got {mean} / {std}")
+    return mean, std

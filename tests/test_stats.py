@@ -1,0 +1,99 @@
+"""Dataset mean/std: exact over all pixels, the one-JSON-line file, first-line reading, fallback."""
+
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from fsvfm_jax.data import stats
+from fsvfm_jax.data.records import DataError
+from fsvfm_jax.data.synthetic import write_synthetic_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """Two roots: 224-pixel images and 256-pixel images (resized to 224 first)."""
+    a, b = str(tmp_path_factory.mktemp("a")), str(tmp_path_factory.mktemp("b"))
+    write_synthetic_dataset(a, 7, seed=20)
+    write_synthetic_dataset(b, 5, seed=21, size=256)
+    return [a, b]
+
+
+def _numpy_mean_std(roots, size=224):
+    """Independent: every pixel of every resized image in one float64 array."""
+    pixels = []
+    for root in roots:
+        for png in sorted(glob.glob(os.path.join(root, "images", "*.png"))):
+            img = cv2.cvtColor(cv2.imread(png), cv2.COLOR_BGR2RGB)
+            if img.shape[0] != size:
+                img = cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)
+            pixels.append(img.reshape(-1, 3))
+    x = np.concatenate(pixels).astype(np.float64) / 255.0
+    return x.mean(0), x.std(0)  # population std (ddof=0)
+
+
+def test_exact_mean_std_matches_numpy_over_all_pixels(roots):
+    mean, std, info = stats.compute_mean_std(roots)
+    ref_mean, ref_std = _numpy_mean_std(roots)
+    np.testing.assert_allclose(mean, ref_mean, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(std, ref_std, rtol=0, atol=1e-6)
+    assert info["records"] == 12 and info["pixels_per_channel"] == 12 * 224 * 224
+    # Worker processes and chunking only change the order of integer sums: identical.
+    assert stats.compute_mean_std(roots, workers=2, chunk=3)[:2] == (mean, std)
+
+
+def test_histogram_formula_on_known_values():
+    hist = np.zeros((3, 256), np.int64)
+    hist[:, 0] = 1
+    hist[:, 255] = 3  # values 0, 255, 255, 255 -> mean 0.75, std sqrt(3)/4
+    mean, std = stats.mean_std_from_histogram(hist)
+    assert mean == (0.75,) * 3
+    np.testing.assert_allclose(std, [np.sqrt(3) / 4] * 3, rtol=1e-15)
+
+
+def test_file_is_one_json_line_and_reader_uses_the_first(tmp_path):
+    path = stats.write_mean_std(tmp_path, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert path == os.path.join(tmp_path, stats.FILENAME)
+    text = open(path).read()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert json.loads(text) == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    stats.write_mean_std(path, (0.9, 0.9, 0.9), (0.1, 0.1, 0.1), append=True)  # published relaunch behaviour
+    assert open(path).read().count("\n") == 2
+    assert stats.read_mean_std(tmp_path) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert stats.read_mean_std(path) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+
+def test_missing_file_falls_back_to_vggface2_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        mean, std = stats.read_mean_std(tmp_path)
+    assert mean == (0.5482207536697388, 0.42340534925460815, 0.3654651641845703)
+    assert std == (0.2789176106452942, 0.2438540756702423, 0.23493893444538116)
+    assert stats.FILENAME in caplog.text and "VGGFace2" in caplog.text
+
+
+def test_malformed_file_names_the_file(tmp_path):
+    path = tmp_path / stats.FILENAME
+    path.write_text('{"mean": [0.1, 0.2]}\n')
+    with pytest.raises(DataError, match=str(path)):
+        stats.read_mean_std(str(path))
+
+
+def test_command_line_tool(roots, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "stats.py"), *roots, "--out", str(out)],
+                          capture_output=True, text=True, check=True, cwd=REPO)
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats.read_mean_std(str(out)) == (tuple(printed["mean"]), tuple(printed["std"]))
+    ref_mean, ref_std = _numpy_mean_std(roots)
+    np.testing.assert_allclose(printed["mean"], ref_mean, atol=1e-6)
+    np.testing.assert_allclose(printed["std"], ref_std, atol=1e-6)
+    assert "12/12 images" in proc.stderr
