@@ -27,7 +27,8 @@ reference implementation exists to match.
 * ``"fr"``: Facial-Region masking. No single region is covered: the budget is spent
   uniformly at random over the patches of the six facial groups together (groups 0-5, the
   groups CRFR-P may cover); only when that union is smaller than the budget is all of it
-  masked and the remainder filled uniformly from the skin/background patches. ``fr_mask`` is
+  masked and the remainder filled uniformly from the other (skin-only or background-only)
+  patches. ``fr_mask`` is
   the masked part of that union. ``region_choice`` and ``region`` do not apply.
 * ``"random"``: MAE random masking, a uniform ``n_masked``-subset; ``fr_mask`` is empty
   (SPEC 3.4), so a facial-region loss must guard against an empty mask.
@@ -39,8 +40,9 @@ Fidelity notes on CRFR-P:
   when that product lies within float error of a half-integer, by one patch of that group
   before the exact-count fix-up, which then restores the total.
 * ``T`` is the integer ``n_masked``, not the float ``mask_ratio * L``: for 0.75 and L = 196
-  (patch 16) or 256 (patch 14) the two agree (147, 192); for ratios where ``mask_ratio * L`` is
-  not an integer the published fix-up would not reach an exact count at all.
+  (patch 16) or 256 (patch 14) the two agree (147, 192). Where ``mask_ratio * L`` is not an
+  integer, the published truncating fix-up would leave floor or ceil of it depending on the
+  sample; an exact count per row is what the encoder's static keep count needs.
 """
 
 from __future__ import annotations
@@ -131,14 +133,14 @@ def _patch_label_bits(parsing_maps: np.ndarray, patch_size: int) -> np.ndarray:
         raise ValueError(f"parsing map size {h}x{w} is not a positive multiple of patch_size {patch_size}")
     if maps.dtype.itemsize == 1:
         labels = maps.view(np.uint8)  # int8 negatives become >= 128 and fail the range check
-        bad = labels.max() >= NUM_LABELS
+        out_of_range = labels.max() >= NUM_LABELS
     else:
-        bad = maps.min() < 0 or maps.max() >= NUM_LABELS
-        labels = maps.astype(np.uint8) if not bad else maps
-    if bad:
+        labels = maps
+        out_of_range = maps.min() < 0 or maps.max() >= NUM_LABELS
+    if out_of_range:
         found = np.unique(maps[(maps < 0) | (maps >= NUM_LABELS)])
         raise ValueError(f"parsing_maps labels must lie in 0..{NUM_LABELS - 1}; found {found[:8].tolist()}")
-    pixel_bits = np.left_shift(np.uint16(1), labels, dtype=np.uint16)
+    pixel_bits = np.left_shift(np.uint16(1), labels.astype(np.uint8, copy=False), dtype=np.uint16)
     gh, gw = h // patch_size, w // patch_size
     pixel_bits = pixel_bits.reshape(b, gh, patch_size, gw, patch_size)
     patch_bits = np.bitwise_or.reduce(np.bitwise_or.reduce(pixel_bits, axis=2), axis=-1)
@@ -219,13 +221,22 @@ def crfrp_planned_counts(membership: np.ndarray, regions: np.ndarray, n_masked: 
     if membership.ndim != 3 or membership.shape[1] != _NUM_GROUPS:
         raise ValueError(f"membership must be [B, {_NUM_GROUPS}, L], got shape {membership.shape}")
     if regions.shape != membership.shape[:1] or not np.issubdtype(regions.dtype, np.integer):
-        raise ValueError(f"regions must be an integer array [B={membership.shape[0]}], got {regions.dtype} {regions.shape}")
+        raise ValueError(f"regions must be an integer array [B={membership.shape[0]}], "
+                         f"got {regions.dtype} {regions.shape}")
     if ((regions < 0) | (regions >= _NUM_GROUPS)).any():
         raise ValueError(f"regions must lie in 0..{_NUM_GROUPS - 1}")
     if not 0 < n_masked < membership.shape[2]:
         raise ValueError(f"n_masked must lie in 1..L-1 = {membership.shape[2] - 1}, got {n_masked}")
-    sizes = _group_sizes(_claim(membership, regions))
-    return sizes, _quotas(sizes, regions, n_masked)
+    _, sizes, quotas = _plan(membership, regions, n_masked)
+    return sizes, quotas
+
+
+def _plan(membership: np.ndarray, regions: np.ndarray, n_masked: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(assignment [B, L], sizes [B, 8], quotas [B, 8])``: claimed-set owner of each patch,
+    patches per group, and per-group masked counts before the fix-up."""
+    assignment = _claim(membership, regions)
+    sizes = _group_sizes(assignment)
+    return assignment, sizes, _quotas(sizes, regions, n_masked)
 
 
 def _scatter_sorted(order: np.ndarray, selected_sorted: np.ndarray) -> np.ndarray:
@@ -247,8 +258,10 @@ def _take_first(keys: np.ndarray, counts: np.ndarray | int) -> np.ndarray:
     return _scatter_sorted(order, selected_sorted)
 
 
-def _take_quotas(assignment: np.ndarray, quotas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per row and group ``j``, mask ``quotas[b, j]`` uniform random patches assigned to ``j``.
+def _take_quotas(assignment: np.ndarray, sizes: np.ndarray, quotas: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Per row and group ``j``, mask ``quotas[b, j]`` of the ``sizes[b, j]`` patches assigned to
+    ``j``, uniformly at random.
 
     One argsort of ``group + uniform`` lays each row out group by group, every group in random
     order; a patch is taken when its rank inside its group is below the group's quota. The
@@ -256,7 +269,6 @@ def _take_quotas(assignment: np.ndarray, quotas: np.ndarray, rng: np.random.Gene
     """
     order = np.argsort(assignment + rng.random(assignment.shape), axis=1)
     group_sorted = np.take_along_axis(assignment, order, axis=1)
-    sizes = _group_sizes(assignment)
     starts = np.cumsum(sizes, axis=1) - sizes
     rank_in_group = np.arange(assignment.shape[1])[None, :] - np.take_along_axis(starts, group_sorted, axis=1)
     return _scatter_sorted(order, rank_in_group < np.take_along_axis(quotas, group_sorted, axis=1))
@@ -273,10 +285,9 @@ def _crfrp(membership: np.ndarray, regions: np.ndarray, n_masked: int,
     subset of a pool whose patches share one state, hence the XOR.
     """
     rows = np.arange(membership.shape[0])
-    assignment = _claim(membership, regions)
+    assignment, sizes, quotas = _plan(membership, regions, n_masked)
     region_mask = membership[rows, regions]
-    quotas = _quotas(_group_sizes(assignment), regions, n_masked)
-    stage1 = _take_quotas(assignment, quotas, rng)
+    stage1 = _take_quotas(assignment, sizes, quotas, rng)
     extreme = quotas[rows, regions] >= n_masked
     deficit = n_masked - stage1.sum(axis=1)
     pool = np.where((deficit > 0)[:, None], ~stage1,
@@ -288,8 +299,6 @@ def _crfrp(membership: np.ndarray, regions: np.ndarray, n_masked: int,
 def _choose_regions(batch: int, rng: np.random.Generator, region_choice: str, region: int | None) -> np.ndarray:
     """The covered group of each sample, int ``[B]``: fixed, one draw per batch, or one per sample."""
     if region is not None:
-        if isinstance(region, bool) or not isinstance(region, (int, np.integer)) or not 0 <= region < _NUM_GROUPS:
-            raise ValueError(f"region must be a group index in 0..{_NUM_GROUPS - 1} or None, got {region!r}")
         return np.full(batch, region, dtype=np.int64)
     if region_choice == "batch":
         return np.full(batch, rng.integers(NUM_CHOOSABLE_GROUPS), dtype=np.int64)
@@ -306,13 +315,16 @@ def make_masks(parsing_maps: np.ndarray, *, patch_size: int, mask_ratio: float, 
     ``fr_mask`` is a subset of it. ``strategy`` is one of ``STRATEGIES`` (module docstring).
     For ``"crfrp"`` and ``"crfr_r"`` the covered group is drawn from groups 0-5: once for the
     batch (``region_choice="batch"``, as published) or once per sample (``"sample"``);
-    ``region`` fixes it instead (any of 0-7, for tests and pictures). All randomness comes
-    from ``rng``.
+    ``region`` fixes it instead (any of 0-7, for tests and pictures); ``"random"`` and ``"fr"``
+    cover no region and ignore both. All randomness comes from ``rng``.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if region_choice not in REGION_CHOICES:
         raise ValueError(f"region_choice must be one of {REGION_CHOICES}, got {region_choice!r}")
+    if region is not None and (isinstance(region, bool) or not isinstance(region, (int, np.integer))
+                               or not 0 <= region < _NUM_GROUPS):
+        raise ValueError(f"region must be a group index in 0..{_NUM_GROUPS - 1} or None, got {region!r}")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     patch_bits = _patch_label_bits(parsing_maps, patch_size)

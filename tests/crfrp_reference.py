@@ -144,7 +144,8 @@ def synthetic_parsing_map(rng: np.random.Generator, size: int = 224) -> np.ndarr
     for side, (brow, eye) in ((-1, (2, 4)), (1, (3, 5))):
         ex = cx + side * eye_dx
         if rng.random() < 0.95:
-            out[_ellipse(yy, xx, eye_y - fy * 0.2, ex, fy * rng.uniform(0.03, 0.07), fx * rng.uniform(0.2, 0.35))] = brow
+            out[_ellipse(yy, xx, eye_y - fy * 0.2, ex,
+                         fy * rng.uniform(0.03, 0.07), fx * rng.uniform(0.2, 0.35))] = brow
         if rng.random() < 0.95:
             out[_ellipse(yy, xx, eye_y, ex, fy * rng.uniform(0.04, 0.1), fx * rng.uniform(0.15, 0.28))] = eye
     out[_ellipse(yy, xx, cy + fy * 0.1, cx, fy * rng.uniform(0.15, 0.3), fx * rng.uniform(0.1, 0.2))] = 6

@@ -152,10 +152,11 @@ def test_extremes_by_hand():
     assert fr.sum() == 1 and fr[0, 2 * 14 + 6] and img[0, 2 * 14 + 6] and img.sum() == 147
     img, fr = crfrp("all_background", 4)  # every patch is background; the quota is 196 * 147/196
     assert fr.sum() == 0 and img.sum() == 147
-    exact = _hair_exactly(147, 16)[None]  # c == T: nothing trimmed, both masks equal the region
-    img, fr = masking.make_masks(exact, patch_size=16, mask_ratio=0.75, rng=rng, region=5)
-    np.testing.assert_array_equal(img[0], np.arange(196) < 147)
-    np.testing.assert_array_equal(fr, img)
+    for patch_size, n_masked in ((16, 147), (14, 192)):  # c == T: nothing trimmed, both masks equal the region
+        exact = _hair_exactly(n_masked, patch_size)[None]
+        img, fr = masking.make_masks(exact, patch_size=patch_size, mask_ratio=0.75, rng=rng, region=5)
+        np.testing.assert_array_equal(img[0], np.arange(img.shape[1]) < n_masked)
+        np.testing.assert_array_equal(fr, img)
 
 
 @pytest.mark.parametrize("patch_size", PATCH_SIZES)
@@ -268,10 +269,49 @@ def test_group_frequencies_match_reference(synthetic_maps, strategy):
         assert (np.abs(got - want) <= tolerance).all(), (region, got, want, tolerance)
 
 
+def test_patch_frequencies_match_reference(synthetic_maps):
+    """Per patch of one map, CRFR-P's masking frequency matches the reference within 5 binomial
+    standard errors, for every coverable region: the draw inside each group is uniform, not
+    only its count."""
+    parsing_map = synthetic_maps[0]
+    samples = 2400
+    groups = ref.membership(parsing_map, 16)
+    rng, ref_rng = np.random.default_rng(31), np.random.default_rng(32)
+    for region in range(6):
+        img, _ = masking.make_masks(np.broadcast_to(parsing_map, (samples, 224, 224)), patch_size=16,
+                                    mask_ratio=0.75, rng=rng, region=region)
+        expected = np.zeros(196)
+        for _ in range(samples):
+            chosen, _, _ = ref.crfrp_sample(groups, region, 196, 147, ref_rng)
+            expected[sorted(chosen)] += 1
+        got, want = img.mean(axis=0), expected / samples
+        pooled = (got + want) / 2
+        tolerance = 5 * np.sqrt(pooled * (1 - pooled) * 2 / samples) + 1e-9
+        assert (np.abs(got - want) <= tolerance).all(), (region, np.abs(got - want).max())
+
+
+@pytest.mark.parametrize(("name", "strategy", "region"), [("all_skin", "random", None),
+                                                          ("hair_over_budget", "crfrp", 5)])
+def test_uniform_subsets_have_uniform_patch_frequencies(name, strategy, region):
+    """Where SPEC 3 draws a uniform subset of a fixed pool (random masking over all patches;
+    the extreme case's 147 of the hair patches), each pool patch is masked with probability
+    147 / |pool| (5 binomial standard errors), and nothing outside the pool is."""
+    parsing_map = _extreme_maps()[name]
+    samples = 4000
+    img, _ = masking.make_masks(np.broadcast_to(parsing_map, (samples, 224, 224)), patch_size=16, mask_ratio=0.75,
+                                rng=np.random.default_rng(41), strategy=strategy, region=region)
+    pool = np.ones(196, bool) if region is None else _reference_membership(parsing_map[None], 16)[0, region]
+    p = 147 / pool.sum()
+    frequency = img.mean(axis=0)
+    assert np.abs(frequency[pool] - p).max() <= 5 * np.sqrt(p * (1 - p) / samples)
+    assert not img[:, ~pool].any()
+
+
 @pytest.mark.parametrize("region_choice", ["batch", "sample"])
 def test_region_choice_is_uniform_over_facial_groups(synthetic_maps, region_choice):
     """The covered group, read back from fr_mask, is uniform over groups 0-5 (chi-square,
-    5 degrees of freedom, p < 1e-4 fails); with "batch" every sample of a batch shares it."""
+    5 degrees of freedom, p < 1e-4 fails); with "batch" every sample of a batch shares it,
+    with "sample" the samples draw independently."""
     membership = masking.patch_region_membership(synthetic_maps, 16)
     candidates = np.flatnonzero([len({membership[i, g].tobytes() for g in range(6)}) == 6
                                  and 0 < membership[i, :6].sum(axis=1).min() for i in range(len(synthetic_maps))])
@@ -280,17 +320,22 @@ def test_region_choice_is_uniform_over_facial_groups(synthetic_maps, region_choi
     assert len(maps) == 4 and (membership[:, :6].sum(axis=2) < 147).all()
     rng = np.random.default_rng(21)
     counts = np.zeros(6, int)
+    first_two_agree = 0
     for _ in range(750):
-        _, fr = masking.make_masks(maps, patch_size=16, mask_ratio=0.75, rng=rng, region_choice=region_choice)
+        img, fr = masking.make_masks(maps, patch_size=16, mask_ratio=0.75, rng=rng, region_choice=region_choice)
+        assert (img.sum(axis=1) == 147).all() and not (fr & ~img).any()
         drawn = [[g for g in range(6) if np.array_equal(fr[i], membership[i, g])] for i in range(len(maps))]
         assert all(len(d) == 1 for d in drawn)
         drawn = [d[0] for d in drawn]
+        first_two_agree += drawn[0] == drawn[1]
         if region_choice == "batch":
             assert len(set(drawn)) == 1
             drawn = drawn[:1]
         np.add.at(counts, drawn, 1)
     expected = counts.sum() / 6
     assert ((counts - expected) ** 2 / expected).sum() < 25.7, counts
+    if region_choice == "sample":  # independent draws agree 1/6 of the time (+-5 standard errors)
+        assert abs(first_two_agree / 750 - 1 / 6) < 5 * np.sqrt(1 / 6 * 5 / 6 / 750), first_two_agree
 
 
 def test_published_fixture_region_set():
