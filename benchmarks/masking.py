@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--strategy", choices=masking.STRATEGIES, default="crfrp")
     parser.add_argument("--repeats", type=int, default=5, help="passes for the vectorised code")
-    parser.add_argument("--reference-repeats", type=int, default=1)
+    parser.add_argument("--reference-repeats", type=int, default=2)
     args = parser.parse_args()
 
     maps = ref.synthetic_parsing_maps(np.random.default_rng(0), args.maps)
