@@ -1,0 +1,167 @@
+"""Read and write pretraining workdirs for conversion, on the host, as numpy.
+
+A workdir (``fsvfm_jax.train.pretrain``) holds ``config.json`` (``model.size``, ``model.img_size``,
+``model.rep_decoder_pos_embed``), ``pretrain_ds_mean_std.txt`` and ``checkpoints/<step>/state``
+(``{step, params, target, opt}``, written by :mod:`fsvfm_jax.checkpoint`). Exports read only
+``params`` and ``target`` (partial restore, no optimizer moments, no device shardings needed, so
+a checkpoint from any mesh converts on one CPU). Imports write through the same
+:mod:`fsvfm_jax.checkpoint` helpers the trainer restores with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from fsvfm_jax.convert import fsfm_layout
+from fsvfm_jax.convert.fsfm_checkpoint import encoder_geometry, identify_size
+from fsvfm_jax.convert.timm_export import MEAN_STD_FILENAME, read_mean_std, write_mean_std
+from fsvfm_jax.models.fsfm import FSFMConfig, fsfm_config
+
+log = logging.getLogger(__name__)
+
+STATE_ITEM = "state"
+
+
+@dataclasses.dataclass
+class TrainStateOnHost:
+    step: int
+    params: dict  # online tree, numpy
+    target: dict  # target tree, numpy
+    cfg: FSFMConfig
+    size: str
+    workdir: Path | None
+    mean_std: tuple[list[float], list[float]] | None
+
+
+def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path | None, Path, int]:
+    """``WORKDIR``, ``WORKDIR/checkpoints`` or ``WORKDIR/checkpoints/<step>`` -> (workdir, step dir, step)."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or workdir")
+    if (path / STATE_ITEM).is_dir() and path.name.isdigit():
+        if step is not None and int(path.name) != step:
+            raise ValueError(f"{path} is step {path.name}, but --step {step} was asked for")
+        root = path.parent
+        return (root.parent if root.name == "checkpoints" else None), path, int(path.name)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / STATE_ITEM).is_dir())
+    if not steps:
+        raise FileNotFoundError(f"{path}: no Orbax checkpoints (expected {root}/<step>/{STATE_ITEM})")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"{root}: no checkpoint for step {step} (have {steps})")
+    workdir = root.parent if root.name == "checkpoints" else None
+    return workdir, root / str(step), step
+
+
+def _model_config(workdir: Path | None, params, source: str) -> tuple[str, FSFMConfig]:
+    """Size from the weights (checked against config.json), img_size and the rep-decoder table
+    option from config.json (the weights cannot tell them: position tables are not parameters)."""
+    size = identify_size(encoder_geometry(_encoder_sd(params), source), source)
+    overrides: dict[str, Any] = {}
+    config_file = workdir / "config.json" if workdir else None
+    if config_file is not None and config_file.is_file():
+        model = json.loads(config_file.read_text()).get("model", {})
+        if model.get("size"):
+            identify_size(encoder_geometry(_encoder_sd(params), source), f"{source} (config.json)", model["size"])
+        for key in ("img_size", "rep_decoder_pos_embed"):
+            if key in model:
+                overrides[key] = model[key]
+    else:
+        log.warning("%s: no config.json beside the checkpoint; assuming img_size 224 and a zero rep-decoder table", source)
+    return size, fsfm_config(size, **overrides)
+
+
+def _encoder_sd(params) -> dict[str, np.ndarray]:
+    """Torch-layout encoder keys of an online/target tree (enough for :func:`encoder_geometry`)."""
+    return {fsfm_layout.torch_name("encoder/" + p): fsfm_layout.to_torch_layout(p, v)
+            for p, v in fsfm_layout.flatten(params["encoder"]).items()}
+
+
+def read_train_state(path: str | Path, step: int | None = None) -> TrainStateOnHost:
+    """Restore ``step``, ``params`` and ``target`` of one checkpoint as numpy (latest step by default)."""
+    workdir, step_dir, step = resolve_checkpoint(path, step)
+    item = step_dir / STATE_ITEM
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        tree = checkpointer.metadata(item).item_metadata
+        wanted = {k: tree[k] for k in ("step", "params", "target")}
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
+        raise ValueError(f"{item}: not a pretraining state (need step, params and target): {err}") from err
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    state = checkpointer.restore(item, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                                   partial_restore=True))
+    size, cfg = _model_config(workdir, state["params"], str(step_dir))
+    mean_std = None
+    if workdir is not None and (workdir / MEAN_STD_FILENAME).is_file():
+        mean_std = read_mean_std(workdir / MEAN_STD_FILENAME)
+    return TrainStateOnHost(step=int(state["step"]), params=state["params"], target=state["target"], cfg=cfg,
+                            size=size, workdir=workdir, mean_std=mean_std)
+
+
+def _set_schedule_counts(opt_state, step: int):
+    """Schedule counters (``ScaleByScheduleState``) follow ``step``; Adam's own count stays 0 because
+    its moments are fresh."""
+
+    def fix(node):
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=jnp.asarray(step, node.count.dtype))
+        return node
+
+    return jax.tree.map(fix, opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByScheduleState))
+
+
+def write_train_state(workdir: str | Path, online, target, cfg: FSFMConfig, size: str, *, step: int = 0,
+                      mean_std=None, config=None) -> Path:
+    """Create a pretraining workdir that ``tools/pretrain.py --resume`` continues from.
+
+    Writes ``config.json`` (``config``, default ``pretrain_config(size)`` with this model's img_size
+    and rep-decoder option), the mean/std file when known, and ``checkpoints/<step>/state`` with
+    a fresh optimizer state built exactly as the trainer builds it. Refuses a workdir that already
+    holds checkpoints.
+    """
+    from fsvfm_jax import checkpoint
+    from fsvfm_jax.config import pretrain_config
+    from fsvfm_jax.optim import make_optimizer
+    from fsvfm_jax.train.step import init_state
+
+    workdir = Path(workdir)
+    ckpts = workdir / "checkpoints"
+    if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+        raise FileExistsError(f"{workdir} already holds checkpoints; choose a new workdir")
+    if config is None:
+        config = pretrain_config(size)
+        config.model.img_size = cfg.img_size
+        config.model.rep_decoder_pos_embed = cfg.rep_decoder_pos_embed
+    if config.model.size != size or config.model.img_size != cfg.img_size:
+        raise ValueError(f"config model ({config.model.size}, img_size {config.model.img_size}) does not match the "
+                         f"imported weights ({size}, img_size {cfg.img_size})")
+    # The trainer's optimizer has a callable lr (a schedule) and clipping when clip_grad > 0: the
+    # state tree must have exactly that structure for its restore.
+    optimizer = make_optimizer(lambda s: 0.0, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+                               clip_grad=config.clip_grad or None)
+    to_jnp = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
+    state = init_state(to_jnp(online), to_jnp(target), optimizer)
+    state["step"] = jnp.asarray(step, jnp.int32)
+    state["opt"] = _set_schedule_counts(state["opt"], step)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if mean_std is not None:
+        write_mean_std(workdir / MEAN_STD_FILENAME, *mean_std)
+    manager = checkpoint.make_manager(workdir)
+    try:
+        checkpoint.save(manager, step, state)
+    finally:
+        manager.close()
+    return workdir / "checkpoints" / str(step)
