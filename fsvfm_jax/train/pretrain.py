@@ -25,7 +25,7 @@ from fsvfm_jax.data import stats
 from fsvfm_jax.data.pipeline import make_pretrain_dataset
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
 from fsvfm_jax.optim import absolute_lr, lr_schedule, make_optimizer, momentum_schedule
-from fsvfm_jax.train.step import init_state, make_loss_fn, make_train_step
+from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
 
 log = logging.getLogger("fsvfm_jax.pretrain")
 
@@ -129,8 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
     log.info("model %s: %.2fM online parameters, peak lr %.3g", config.model.size, n_params / 1e6, peak_lr)
 
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    train_step = jit_train_step(step_fn, state_shardings, mesh)
 
     # --- checkpoint / resume -------------------------------------------------------------------
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)

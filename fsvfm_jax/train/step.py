@@ -22,6 +22,7 @@ from fsvfm_jax.losses import pretrain_loss
 from fsvfm_jax.models.fsfm import FSFMConfig, FSFMOnline, FSFMTarget
 from fsvfm_jax.models.vit import patchify
 from fsvfm_jax.optim import ema_update, global_norm
+from fsvfm_jax.sharding import batch_sharding, replicated
 
 EMA_CADENCES = ("step", "micro", "frozen")
 
@@ -124,3 +125,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         return new_state, metrics
 
     return train_step
+
+
+def jit_train_step(train_step, state_shardings, mesh):
+    """Compile for a mesh: state placed by ``state_shardings``, batch split over the batch axes,
+    metrics replicated, and the input state donated (updated in place)."""
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
