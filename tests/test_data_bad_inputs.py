@@ -59,6 +59,11 @@ def _garbage_map(root):
     open(_map(root), "wb").write(b"\x93NUMPY garbage")
 
 
+def _truncate_map(root):
+    data = open(_map(root), "rb").read()
+    open(_map(root), "wb").write(data[:-100])
+
+
 CORRUPTIONS = {
     "corrupt_png": (_corrupt_png, _img, "corrupt PNG"),
     "truncated_png": (_truncate_png, _img, "truncated PNG"),
@@ -70,6 +75,7 @@ CORRUPTIONS = {
     "map_label_11": (_map_writer(np.full((1, 224, 224), 11, np.int8)), _map, "label 11"),
     "map_label_minus_1": (_map_writer(np.full((1, 224, 224), -1, np.int8)), _map, "label -1"),
     "map_not_npy": (_garbage_map, _map, "cannot load"),
+    "map_truncated": (_truncate_map, _map, "truncated .npy"),
 }
 
 
@@ -212,3 +218,19 @@ def test_decode_accepts_published_variants():
         out = records.decode_record(records.RawRecord("x.png", "x.npy", buf.tobytes(), f.getvalue()), 224)
         np.testing.assert_array_equal(out["parsing_map"], m)
         assert out["image"].shape == (224, 224, 3)
+
+
+def test_npy_reader_matches_np_load():
+    """records.load_npy (thread-safe header parsing) against numpy's own reader."""
+    import io
+    arrays = [np.arange(24, dtype=np.int8).reshape(1, 4, 6), np.zeros((224, 224), np.uint8),
+              np.asfortranarray(np.arange(12.0).reshape(3, 4)), np.arange(3, dtype=">i4"),
+              np.float32(7.0).reshape(()), np.zeros((0, 5))]
+    for a in arrays:
+        for version in ((1, 0), (2, 0), (3, 0)):
+            f = io.BytesIO()
+            np.lib.format.write_array(f, a, version=version)
+            expected = np.load(io.BytesIO(f.getvalue()))
+            got = records.load_npy(f.getvalue())
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            np.testing.assert_array_equal(got, expected)

@@ -61,7 +61,7 @@ def test_histogram_formula_on_known_values():
 
 def test_file_is_one_json_line_and_reader_uses_the_first(tmp_path):
     path = stats.write_mean_std(tmp_path, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
-    assert path == os.path.join(tmp_path, stats.FILENAME)
+    assert path == os.path.join(tmp_path, stats.MEAN_STD_FILENAME)
     text = open(path).read()
     assert text.count("\n") == 1 and text.endswith("\n")
     assert json.loads(text) == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
@@ -76,11 +76,11 @@ def test_missing_file_falls_back_to_vggface2_with_a_warning(tmp_path, caplog):
         mean, std = stats.read_mean_std(tmp_path)
     assert mean == (0.5482207536697388, 0.42340534925460815, 0.3654651641845703)
     assert std == (0.2789176106452942, 0.2438540756702423, 0.23493893444538116)
-    assert stats.FILENAME in caplog.text and "VGGFace2" in caplog.text
+    assert stats.MEAN_STD_FILENAME in caplog.text and "VGGFace2" in caplog.text
 
 
 def test_malformed_file_names_the_file(tmp_path):
-    path = tmp_path / stats.FILENAME
+    path = tmp_path / stats.MEAN_STD_FILENAME
     path.write_text('{"mean": [0.1, 0.2]}\n')
     with pytest.raises(DataError, match=str(path)):
         stats.read_mean_std(str(path))

@@ -24,7 +24,7 @@ from fsvfm_jax.data import stats
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("roots", nargs="+", help="dataset roots or ArrayRecord shard folders")
-    p.add_argument("--out", default=".", help=f"output file, or folder for {stats.FILENAME}")
+    p.add_argument("--out", default=".", help=f"output file, or folder for {stats.MEAN_STD_FILENAME}")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0: in this process)")
     p.add_argument("--image-size", type=int, default=224, help="resize side, as in training")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of failing")

@@ -283,7 +283,7 @@ def make_pretrain_dataset(
     num_epochs: int | None = None,
     worker_count: int = 0,
     worker_buffer_size: int = 2,
-    read_threads: int = 4,
+    read_threads: int | None = None,
     skip_bad: bool = False,
     shard_index: int | None = None,
     shard_count: int | None = None,
@@ -302,7 +302,8 @@ def make_pretrain_dataset(
       num_epochs: epochs to produce; None repeats forever.
       worker_count: Grain worker processes; 0 decodes in this process (with threads).
       worker_buffer_size: batches each worker prepares ahead.
-      read_threads: threads per process reading and decoding.
+      read_threads: threads per process reading and decoding (cv2 releases the GIL);
+        default 1 with worker processes, else min(4, cpu count).
       skip_bad: skip (count and log) bad records instead of raising.
       shard_index, shard_count: this host's slice; default jax.process_index() and
         jax.process_count(). Every host must use the same seed and batch_size.
@@ -319,6 +320,8 @@ def make_pretrain_dataset(
     num_patches = (image_size // patch_size) ** 2
     masking.mask_ratio_to_counts(num_patches, mask_ratio)  # validates the ratio early
 
+    if read_threads is None:
+        read_threads = 1 if worker_count > 0 else min(4, os.cpu_count() or 1)
     n = len(source)
     per_host = n // shard_count
     if per_host < batch_size:

@@ -21,7 +21,7 @@ wrong shape (accepted: (1,S,S) or (S,S) with S the model input size) or dtype
 
 from __future__ import annotations
 
-import io
+import re
 import struct
 from typing import NamedTuple
 
@@ -96,16 +96,55 @@ def decode_image(png: bytes, where: str, image_size: int) -> np.ndarray:
     # otherwise return a partly decoded image.
     if png.rfind(b"IEND") < 0:
         raise BadRecordError(f"{where}: truncated PNG (no IEND chunk)")
-    bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
+    # IMREAD_COLOR_RGB: 8-bit RGB whatever the PNG holds (gray, alpha, 16-bit), no extra pass.
+    rgb = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR_RGB)
+    if rgb is None:
         raise BadRecordError(f"{where}: corrupt PNG (decoder failed)")
-    h, w = bgr.shape[:2]
+    h, w = rgb.shape[:2]
     if h != w:
         raise BadRecordError(f"{where}: image is {w}x{h}, expected a square face crop")
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     if h != image_size:
         rgb = cv2.resize(rgb, (image_size, image_size), interpolation=cv2.INTER_CUBIC)
     return rgb
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_DESCR = re.compile(r"""['"]descr['"]\s*:\s*['"]([^'"]+)['"]""")
+_NPY_FORTRAN = re.compile(r"""['"]fortran_order['"]\s*:\s*(True|False)""")
+_NPY_SHAPE = re.compile(r"""['"]shape['"]\s*:\s*\(([\d,\s]*)\)""")
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """A .npy file's array, read without ``ast``: thread-safe, unlike ``np.load``.
+
+    np.load parses the header with ast.literal_eval, which on CPython 3.11 intermittently
+    fails with "SystemError: AST constructor recursion depth mismatch" when threads call
+    it concurrently (Grain's reader threads do). Plain (non-structured) dtypes only,
+    as maps are; raises ValueError on anything malformed or truncated.
+    """
+    if not data.startswith(_NPY_MAGIC) or len(data) < 10:
+        raise ValueError("not a .npy file (bad magic)")
+    major = data[6]
+    if major == 1:
+        (hlen,), start = struct.unpack_from("<H", data, 8), 10
+    elif major in (2, 3):
+        if len(data) < 12:
+            raise ValueError("truncated .npy header")
+        (hlen,), start = struct.unpack_from("<I", data, 8), 12
+    else:
+        raise ValueError(f"unsupported .npy version {major}")
+    header = data[start:start + hlen].decode("latin1")
+    descr, fortran, shape = _NPY_DESCR.search(header), _NPY_FORTRAN.search(header), _NPY_SHAPE.search(header)
+    if len(header) < hlen or not (descr and fortran and shape):
+        raise ValueError(f"unreadable .npy header {header[:80]!r}")
+    dtype = np.dtype(descr.group(1))
+    dims = tuple(int(d) for d in shape.group(1).replace(" ", "").split(",") if d)
+    count = int(np.prod(dims, dtype=np.int64))
+    offset = start + hlen
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"truncated .npy data: {len(data) - offset} bytes for shape {dims} of {dtype}")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(dims, order="F" if fortran.group(1) == "True" else "C")
 
 
 def decode_parsing_map(npy: bytes, where: str, map_size: int) -> np.ndarray:
@@ -116,8 +155,8 @@ def decode_parsing_map(npy: bytes, where: str, map_size: int) -> np.ndarray:
     the model input size.
     """
     try:
-        m = np.load(io.BytesIO(npy), allow_pickle=False)
-    except Exception as e:  # np.load raises ValueError/OSError/EOFError/... on junk
+        m = load_npy(npy)
+    except (ValueError, TypeError) as e:
         raise BadRecordError(f"{where}: cannot load parsing map ({type(e).__name__}: {e})") from None
     if m.dtype not in (np.int8, np.uint8):
         raise BadRecordError(f"{where}: parsing map dtype {m.dtype}, expected int8 (or uint8)")

@@ -30,7 +30,7 @@ from fsvfm_jax.data.records import BadRecordError, DataError, decode_record
 
 log = logging.getLogger(__name__)
 
-FILENAME = "pretrain_ds_mean_std.txt"
+MEAN_STD_FILENAME = "pretrain_ds_mean_std.txt"
 # VGGFace2 statistics hard-coded in the published fine-tuning code (SPEC 4.5).
 VGGFACE2_MEAN = (0.5482207536697388, 0.42340534925460815, 0.3654651641845703)
 VGGFACE2_STD = (0.2789176106452942, 0.2438540756702423, 0.23493893444538116)
@@ -148,14 +148,14 @@ def compute_mean_std(paths_or_source, *, image_size: int = 224, workers: int = 0
 
 
 def write_mean_std(path, mean: Sequence[float], std: Sequence[float], *, append: bool = False) -> str:
-    """Writes the one-JSON-line stats file; ``path`` may be a folder (FILENAME inside).
+    """Writes the one-JSON-line stats file; ``path`` may be a folder (MEAN_STD_FILENAME inside).
 
     Overwrites by default (the published code appends; readers use the first line, so
     an appended line would be ignored). Returns the file path.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = os.path.join(path, FILENAME)
+        path = os.path.join(path, MEAN_STD_FILENAME)
     for name, v in (("mean", mean), ("std", std)):
         if len(v) != 3:
             raise ValueError(f"{name} must have 3 channel values, got {list(v)}")
@@ -166,14 +166,14 @@ def write_mean_std(path, mean: Sequence[float], std: Sequence[float], *, append:
 
 
 def read_mean_std(path_or_dir) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) from the FIRST line of a stats file (or of FILENAME in a folder).
+    """(mean, std) from the FIRST line of a stats file (or of MEAN_STD_FILENAME in a folder).
 
     A missing file falls back to the published VGGFace2 values with a warning (as the
     published fine-tuning code does); a malformed file is an error naming it.
     """
     path = os.fspath(path_or_dir)
     if os.path.isdir(path):
-        path = os.path.join(path, FILENAME)
+        path = os.path.join(path, MEAN_STD_FILENAME)
     if not os.path.exists(path):
         log.warning("%s not found; using the published VGGFace2 mean/std %s / %s",
                     path, VGGFACE2_MEAN, VGGFACE2_STD)
