@@ -110,8 +110,12 @@ def discover(root) -> tuple[list[tuple[str, str]], list[str]]:
     return items, ignored
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
+def _atomic_write(path: Path, write, out: Path) -> None:
+    """Write via ``<out>/.tmp/`` (same file system) and rename, so readers of images/ and
+    parsing_maps/ never see a partial or temporary file."""
+    tmpdir = out / ".tmp"
+    tmpdir.mkdir(exist_ok=True)
+    tmp = tmpdir / f"{os.getpid()}-{path.name}"
     write(tmp)
     os.replace(tmp, path)
 
@@ -129,16 +133,21 @@ def _save(out: Path, name: str, face: np.ndarray, label_map: np.ndarray, vis: bo
         raise ValueError(f"backend returned a map of shape {label_map.shape} for a "
                          f"{face.shape[:2]} face")
     lm = label_map.astype(np.int8).reshape(1, *face.shape[:2])
-    _atomic_write(out / "parsing_maps" / f"{name}.npy", lambda p: np.save(p, lm))
+    _atomic_write(out / "parsing_maps" / f"{name}.npy", lambda p: np.save(p, lm), out)
     if vis:
         side = np.concatenate([face, regions.overlay(face, lm[0]), regions.colorize(lm[0])], 1)
-        _atomic_write(out / "vis_parsing_maps" / f"{name}.png", png(side))
+        _atomic_write(out / "vis_parsing_maps" / f"{name}.png", png(side), out)
     # the image last: a pair is complete once the .png exists
-    _atomic_write(out / "images" / f"{name}.png", png(face))
+    _atomic_write(out / "images" / f"{name}.png", png(face), out)
 
 
-def process_frame(backend, frame: np.ndarray, name: str, opts: Options) -> tuple[list[str], int]:
-    """Faces of one RGB frame written under ``name``: (names written, faces detected)."""
+def process_frame(backend, frame: np.ndarray, name: str, opts: Options,
+                  boxes: list | None = None) -> tuple[list[str], int]:
+    """Faces of one RGB frame written under ``name``: (names written, faces detected).
+
+    ``boxes``, if given, receives ``[x1, y1, x2, y2, score]`` (frame pixels) of each
+    written face, in the order of the names.
+    """
     faces = backend.detect(frame)
     if not faces:
         return [], 0
@@ -157,6 +166,8 @@ def process_frame(backend, frame: np.ndarray, name: str, opts: Options) -> tuple
         nm = f"{name}_face{k}" if opts.all_faces else name
         _save(Path(opts.out), nm, face, label_map, opts.vis)
         written.append(nm)
+        if boxes is not None:
+            boxes.append([round(float(v), 1) for v in f.box] + [round(f.score, 3)])
     return written, len(faces)
 
 
@@ -231,17 +242,19 @@ def _init_worker(opts: Options) -> None:
 def process_source(args) -> dict:
     """Process one input file in a worker; never raises (errors become 'unreadable')."""
     root, rel, kind, opts = args
-    res = {"source": rel, "kind": kind, "outputs": [], "faces_detected": 0}
+    res = {"source": rel, "kind": kind, "outputs": [], "boxes": [], "faces_detected": 0}
     name = _source_name(rel)
     try:
         if kind == "image":
             img = read_image(os.path.join(root, rel))
-            res["outputs"], res["faces_detected"] = process_frame(_BACKEND, img, name, opts)
+            res["outputs"], res["faces_detected"] = process_frame(_BACKEND, img, name, opts,
+                                                                  res["boxes"])
         else:
             n_read = 0
             for idx, frame in read_video_frames(os.path.join(root, rel), opts.frames):
                 n_read += 1
-                out, nf = process_frame(_BACKEND, frame, f"{name}_frame_{idx}", opts)
+                out, nf = process_frame(_BACKEND, frame, f"{name}_frame_{idx}", opts,
+                                        res["boxes"])
                 res["outputs"] += out
                 res["faces_detected"] += nf
             res["frames_read"] = n_read
@@ -342,7 +355,7 @@ def run(input_dir, out, backend: str = "mediapipe", workers: int = 1, frames: in
             prog.update(len(todo), counts, final=True)
 
     report = make_report(input_dir, out, opts, items, ignored, results, skipped, time.time() - t0)
-    _atomic_write(out / REPORT, lambda p: p.write_text(json.dumps(report, indent=1)))
+    _atomic_write(out / REPORT, lambda p: p.write_text(json.dumps(report, indent=1)), out)
     return report
 
 
