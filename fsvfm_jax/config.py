@@ -39,6 +39,7 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
     c.epochs = 600
     c.warmup_epochs = 40
     c.total_steps = 0  # > 0 overrides epochs (the schedule then spans total_steps)
+    c.stop_at_step = 0  # > 0 ends this run after that step (checkpointed), e.g. for job time limits
     c.base_lr = 1.5e-4  # lr = base_lr * global_batch_size / 256
     c.min_lr = 0.0
     c.weight_decay = 0.05

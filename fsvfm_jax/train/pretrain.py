@@ -145,16 +145,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     n_masked = data.num_patches - mcfg.n_keep(config.data.mask_ratio)
     metrics_file = (workdir / "metrics.jsonl").open("a")
     last, t0, seen = {}, time.perf_counter(), 0
-    step = start_step
+    last_step = min(total_steps, config.stop_at_step or total_steps)
+    if start_step >= last_step:
+        log.info("nothing to do: the run is at step %d of %d", start_step, last_step)
     try:
-        for step in range(start_step + 1, total_steps + 1):
+        for step in range(start_step + 1, last_step + 1):
             local = next(iterator)
             bad = np.flatnonzero(local["img_mask"].sum(1) != n_masked)
             if bad.size:
                 raise ValueError(f"step {step}: masks of batch rows {bad[:5].tolist()} do not mask exactly {n_masked} patches")
             state, metrics = train_step(state, sharding.global_batch(local, mesh))
             seen += config.global_batch_size
-            if step % config.log_every_steps == 0 or step == total_steps or step == start_step + 1:
+            if step % config.log_every_steps == 0 or step in (start_step + 1, last_step):
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - t0
                 last = {"step": step, "epoch": step / steps_per_epoch,
@@ -169,7 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                     raise NonFiniteLossError(f"non-finite loss at step {step}; the update was skipped and "
                                              f"training stops (last checkpoint: {manager.latest_step()})")
                 t0, seen = time.perf_counter(), 0
-            if step % config.checkpoint_every_steps == 0 or step == total_steps:
+            if step % config.checkpoint_every_steps == 0 or step == last_step:
                 checkpoint.save(manager, step, state, iterator)
                 log.info("saved checkpoint %d", step)
     finally:
