@@ -259,7 +259,8 @@ def save_pth(path: str | Path, obj: Any) -> None:
         if isinstance(x, np.ndarray):
             if _BF16 is not None and x.dtype == _BF16:
                 return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)
-            return torch.from_numpy(np.ascontiguousarray(x))
+            x = np.ascontiguousarray(x)
+            return torch.from_numpy(x if x.flags.writeable else x.copy())
         if isinstance(x, np.generic):
             return x.item()
         if isinstance(x, dict):
