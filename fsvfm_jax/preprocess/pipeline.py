@@ -2,7 +2,7 @@
 
     out/images/{name}.png            224x224 RGB face crops
     out/parsing_maps/{name}.npy      int8 [1, 224, 224] LaPa labels
-    out/vis_parsing_maps/{name}.png  optional overlays (``vis=True``)
+    out/vis_parsing_maps/{name}.png  optional: face | overlay | labels, with a legend
     out/preprocess_report.json       counts and lists (found, written, no face, unreadable)
     out/preprocess_journal.jsonl     one line per finished source; makes runs resumable
 
@@ -136,6 +136,7 @@ def _save(out: Path, name: str, face: np.ndarray, label_map: np.ndarray, vis: bo
     _atomic_write(out / "parsing_maps" / f"{name}.npy", lambda p: np.save(p, lm), out)
     if vis:
         side = np.concatenate([face, regions.overlay(face, lm[0]), regions.colorize(lm[0])], 1)
+        side = np.concatenate([side, regions.legend(side.shape[1])], 0)
         _atomic_write(out / "vis_parsing_maps" / f"{name}.png", png(side), out)
     # the image last: a pair is complete once the .png exists
     _atomic_write(out / "images" / f"{name}.png", png(face), out)

@@ -162,3 +162,18 @@ def overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) -> np.
     m = (np.asarray(label_map).reshape(col.shape[:2]) > 0)[..., None]
     out = np.where(m, (1 - alpha) * image + alpha * col, image)
     return out.clip(0, 255).astype(np.uint8)
+
+
+def legend(width: int, rows: int = 2) -> np.ndarray:
+    """RGB ``[rows * 18, width, 3]`` strip naming each label's colour (for overlays)."""
+    per_row = -(-NUM_CLASSES // rows)
+    out = np.full((rows * 18, width, 3), 255, np.uint8)
+    cell = width // per_row
+    for i, name in enumerate(LABEL_NAMES):
+        r, c = divmod(i, per_row)
+        x, y = c * cell + 2, r * 18 + 3
+        cv2.rectangle(out, (x, y), (x + 11, y + 11), PALETTE[i].tolist(), -1)
+        cv2.rectangle(out, (x, y), (x + 11, y + 11), (90, 90, 90), 1)
+        cv2.putText(out, f"{i} {name.replace('_', ' ')}", (x + 14, y + 10),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
