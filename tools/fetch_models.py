@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from fsvfm_jax.preprocess import assets
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from fsvfm_jax.preprocess import assets  # noqa: E402
 
 
 def main(argv=None) -> int:

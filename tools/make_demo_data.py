@@ -31,6 +31,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
 # photo -> faces in it, read off each photo by hand: (centre x, centre y, half size) px
 PHOTOS = {
     "astronaut.png": [(226, 122, 50)],

@@ -16,9 +16,11 @@ unreadable: see the report), 2 when it could not start.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 
 def main(argv=None) -> int:

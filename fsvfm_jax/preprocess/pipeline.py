@@ -173,20 +173,15 @@ def process_frame(backend, frame: np.ndarray, name: str, opts: Options,
 
 
 def read_image(path) -> np.ndarray:
-    """RGB uint8 ``[H, W, 3]``; grey and RGBA are converted. Raises ValueError if the file
-    is not a decodable image."""
+    """RGB uint8 ``[H, W, 3]``. Grey, 16-bit and RGBA files are converted and the EXIF
+    orientation is applied (cv2.IMREAD_COLOR). Raises ValueError if the file is empty or
+    not a decodable image."""
     data = np.fromfile(str(path), np.uint8)
     if data.size == 0:
         raise ValueError("empty file")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError("not a decodable image")
-    if img.dtype != np.uint8:
-        img = cv2.convertScaleAbs(img, alpha=255.0 / max(float(img.max()), 1.0))
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
