@@ -9,7 +9,9 @@ The contour index lists are MediaPipe's face-mesh topology (Apache-2.0, from its
 ``face_mesh_connections``), written out here as ordered polygons.
 
 How each class is drawn, later ones over earlier ones:
-1. skin: the face oval, plus a thin rim of skin-coloured person pixels around it.
+1. skin: the face oval, plus a thin rim of skin-coloured person pixels around it, and,
+   above the brows, closely skin-coloured pixels connected to it up to ``forehead`` face
+   heights away (the mesh stops below the hairline; a bald head continues upwards).
 2. hair: person pixels (selfie segmentation > 0.5) outside the face, in the head's
    band (above the chin, or beside the neck down to ``hair_below_chin`` face heights,
    never under the jaw), connected to the part above the brows; below the brows only
@@ -82,7 +84,8 @@ def skin_likelihood(image: np.ndarray, face_mask: np.ndarray, sample_mask: np.nd
 
 def parse_from_landmarks(image: np.ndarray, landmarks: np.ndarray,
                          person: np.ndarray | None = None, skin_dist: float = 2.0,
-                         hair_below_chin: float = 0.6) -> np.ndarray:
+                         hair_below_chin: float = 0.6, forehead: float = 0.3,
+                         forehead_dist: float = 1.2) -> np.ndarray:
     """The LaPa map ``[H, W]`` int8 of one face.
 
     image: RGB uint8 ``[H, W, 3]``. landmarks: ``[468, 2+]`` mesh points in image pixels.
@@ -111,12 +114,20 @@ def parse_from_landmarks(image: np.ndarray, landmarks: np.ndarray,
         jaw = np.array([(pts[i] - pts[CHIN]) @ across for i in (172, 397)])
         fg = person > 0.5
         sample = oval & ~cv2.dilate(features, np.ones((5, 5), np.uint8)).astype(bool)
-        skinlike = skin_likelihood(image, oval, sample) < skin_dist
+        dist = skin_likelihood(image, oval, sample)
+        skinlike = dist < skin_dist
         # The mesh's oval runs a little inside the face's edge: take back a thin rim of
         # skin-coloured person pixels that touch it.
         k = max(3, int(face_h * 0.04)) | 1
         near = cv2.dilate(oval.astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
         ext = fg & ~oval & skinlike & near & (height > 0)
+        # The mesh stops below the hairline: a high or bald forehead continues upwards in
+        # closely skin-coloured pixels connected to the face.
+        k = max(3, int(face_h * forehead)) | 1
+        above = cv2.dilate(oval.astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
+        cand = fg & (dist < forehead_dist) & above & (height > brow_level)
+        n, lab = cv2.connectedComponents((cand | oval).astype(np.uint8), connectivity=4)
+        ext |= cand & (lab == lab[oval].max()) & ~oval if oval.any() else False
         out[ext] = SKIN
         face = oval | ext
         neck = (height <= 0) & (lateral > jaw.min()) & (lateral < jaw.max())
