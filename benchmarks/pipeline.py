@@ -31,6 +31,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import glob  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -68,17 +69,47 @@ def reference_loader(root: str, batch: int, seed: int):
         yield {"image": np.stack(images), "img_mask": img_mask, "fr_mask": fr_mask}
 
 
-def _rate(batches, skip_first: bool = False) -> tuple[float, int]:
-    """Images/s over an iterator; with skip_first the clock starts after the first batch
-    (worker start-up is a one-off, not throughput)."""
+def _rate(batches, skip: int = 0) -> tuple[float, int]:
+    """Images/s over an iterator; the clock starts after ``skip`` batches (worker
+    start-up is a one-off, not throughput)."""
     it = iter(batches)
-    n, t0 = 0, time.perf_counter()
-    if skip_first:
+    for _ in range(skip):
         next(it)
-        t0 = time.perf_counter()
+    n, t0 = 0, time.perf_counter()
     for b in it:
         n += len(b["image"])
     return n / (time.perf_counter() - t0), n
+
+
+def breakdown(root: str, batch: int, repeats: int) -> dict:
+    """Milliseconds per image of each stage in isolation (best of ``repeats``), to show
+    where the time goes: PNG decoding is zlib work both loaders must do."""
+    from PIL import Image
+
+    from fsvfm_jax import masking
+    from fsvfm_jax.data.records import decode_image
+
+    pngs = sorted(glob.glob(os.path.join(root, "images", "*.png")))[:batch]
+    data = [open(p, "rb").read() for p in pngs]
+    maps = np.stack([np.load(p.replace(os.sep + "images" + os.sep, os.sep + "parsing_maps" + os.sep)[:-4] + ".npy")[0]
+                     for p in pngs])
+
+    def ms(fn):
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return round(1e3 * best / len(pngs), 3)
+
+    return dict(
+        pil_decode_resize_ms=ms(lambda: [np.asarray(Image.open(io.BytesIO(d)).convert("RGB").resize(
+            (MODEL_SIZE, MODEL_SIZE), Image.BICUBIC)) for d in data]),
+        cv2_decode_resize_ms=ms(lambda: [decode_image(d, "x", MODEL_SIZE) for d in data]),
+        reference_masks_ms=ms(lambda: ref.make_masks(maps, patch_size=16, mask_ratio=0.75, rng=np.random.default_rng(0))),
+        vectorised_masks_ms=ms(lambda: masking.make_masks(maps, patch_size=16, mask_ratio=0.75,
+                                                         rng=np.random.default_rng(0))),
+    )
 
 
 def _best(make, repeats: int) -> float:
@@ -91,12 +122,13 @@ def measure(root: str, size: int, args) -> dict:
     ref_rate = _best(lambda: reference_loader(root, args.batch, seed=0), args.repeats)
     one_core = _best(lambda: pipeline.make_pretrain_iterator(
         root, num_epochs=1, worker_count=0, read_threads=1, **common), args.repeats)
-    it = pipeline.make_pretrain_iterator(root, num_epochs=1 + args.repeats, worker_count=args.workers,
+    it = pipeline.make_pretrain_iterator(root, num_epochs=1 + 2 * args.repeats, worker_count=args.workers,
                                          read_threads=1, **common)
-    multi, _ = _rate(it, skip_first=True)
+    multi, _ = _rate(it, skip=2 * args.workers)  # every worker has started and delivered
     it.close()
     per_worker = multi / args.workers
-    print(f"{size}x{size} PNG -> {MODEL_SIZE}:")
+    parts = breakdown(root, args.batch, args.repeats)
+    print(f"{size}x{size} PNG -> {MODEL_SIZE}:   ms/image: " + ", ".join(f"{k[:-3]} {v}" for k, v in parts.items()))
     print(f"  reference (PIL + per-sample CRFR-P)  {ref_rate:8.1f} img/s")
     print(f"  pipeline, 1 core (in-process)        {one_core:8.1f} img/s   ratio {one_core / ref_rate:.1f}x")
     print(f"  pipeline, {args.workers} worker processes        {multi:8.1f} img/s   "
@@ -104,7 +136,7 @@ def measure(root: str, size: int, args) -> dict:
     return dict(input_png=size, reference_img_per_s=round(ref_rate, 1),
                 pipeline_one_core_img_per_s=round(one_core, 1), ratio_one_core=round(one_core / ref_rate, 2),
                 pipeline_workers_img_per_s=round(multi, 1), pipeline_per_worker_img_per_s=round(per_worker, 1),
-                ratio_per_worker=round(per_worker / ref_rate, 2))
+                ratio_per_worker=round(per_worker / ref_rate, 2), **parts)
 
 
 def main():

@@ -30,7 +30,8 @@ the batch from the following good records of the same epoch; batching and masks 
 run in the main process. The record order is fixed before anything is dropped, so
 this stays deterministic and independent of the worker count; with no bad records it
 yields the same batches as skip_bad=False, and an epoch with bad records just yields
-fewer batches.
+fewer batches. Hosts may then disagree on batches per epoch, so multi-host runs with
+skip_bad should repeat forever (num_epochs=None) and count steps, as the train loop does.
 
 Worker processes re-import the main module: scripts need an
 ``if __name__ == "__main__":`` guard.
