@@ -212,3 +212,12 @@ def test_mask_options_reach_the_masks(root):
         pipeline.make_pretrain_dataset(root, mask_strategy="nope", **_kw())
     with pytest.raises(ValueError, match="fewer than one batch"):
         pipeline.make_pretrain_dataset(root, **_kw(batch_size=64))
+
+
+def test_non_ascii_names(tmp_path):
+    from fsvfm_jax.data.sources import FolderSource
+    write_synthetic_dataset(tmp_path, 4, seed=12, prefix="visage_é")
+    src = FolderSource(str(tmp_path))
+    assert src.name(2) == (str(tmp_path), "visage_é_000002")
+    assert src[2].image_id == os.path.join(str(tmp_path), "images", "visage_é_000002.png")
+    assert len(_collect(pipeline.make_pretrain_iterator(str(tmp_path), **_kw(batch_size=2)))) == 2
