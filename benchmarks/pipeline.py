@@ -38,6 +38,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -140,6 +141,7 @@ def measure(root: str, size: int, args) -> dict:
 
 
 def main():
+    cv2.setNumThreads(1)  # per-core figures: no OpenCV thread pool in this process either
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 256, 224],

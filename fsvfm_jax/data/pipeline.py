@@ -156,7 +156,8 @@ class PretrainIterator(grain.DatasetIterator):
         if plan.worker_count > 0:
             _mark_absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=plan.worker_count, per_worker_buffer_size=plan.worker_buffer_size))
+                num_workers=plan.worker_count, per_worker_buffer_size=plan.worker_buffer_size),
+                worker_init_fn=_init_worker)
         return iter(ds)
 
     def _next_from_inner(self):
@@ -246,6 +247,13 @@ class PretrainData:
     def iterator(self) -> PretrainIterator:
         """A fresh iterator positioned at the first batch (checkpointable, see below)."""
         return PretrainIterator(self._plan)
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """In each worker process: one OpenCV thread, as the workers are the parallelism."""
+    del worker_index, worker_count
+    import cv2
+    cv2.setNumThreads(1)
 
 
 def _mark_absl_flags_parsed():

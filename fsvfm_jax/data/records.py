@@ -32,9 +32,6 @@ NUM_LABELS = 11  # LaPa ids 0..10 (SPEC 3.1)
 _MAGIC = b"FSVFM1\n"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# Decoding threads would compete with grain's reader threads and worker processes.
-cv2.setNumThreads(1)
-
 
 class DataError(ValueError):
     """Bad input data: the message names the file(s) and the problem."""

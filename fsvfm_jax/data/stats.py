@@ -72,6 +72,12 @@ def _init_worker(source, image_size, skip_bad):
     _WORK.update(source=source, image_size=image_size, skip_bad=skip_bad)
 
 
+def _init_pool_worker(source, image_size, skip_bad):
+    import cv2
+    cv2.setNumThreads(1)  # the processes are the parallelism
+    _init_worker(source, image_size, skip_bad)
+
+
 def _histogram_of(indices: Sequence[int]) -> tuple[np.ndarray, int, list[str]]:
     """Histogram of records ``indices``; with skip_bad, also the skipped messages."""
     source, size, skip_bad = _WORK["source"], _WORK["image_size"], _WORK["skip_bad"]
@@ -130,7 +136,7 @@ def compute_mean_std(paths_or_source, *, image_size: int = 224, workers: int = 0
     if workers > 0:
         # spawn, not fork: the caller may hold threads (JAX, Grain) that fork would copy badly.
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, _init_worker, (source, image_size, skip_bad)) as pool:
+        with ctx.Pool(workers, _init_pool_worker, (source, image_size, skip_bad)) as pool:
             for result in pool.imap_unordered(_histogram_of, chunks):
                 add(result)
     else:
