@@ -1,0 +1,8 @@
+"""Face preprocessing: detect, crop (SPEC 4.1) and parse into LaPa regions (SPEC 4.2).
+
+Modules: assets (install-time model/photo cache), litert (MediaPipe detector, face mesh
+and selfie segmentation on LiteRT), regions (LaPa maps from mesh contours, overlays),
+backends (`FaceBackend`: mediapipe default, facer optional), pipeline (folder of
+images/videos -> images/ + parsing_maps/, resumable, parallel, reported). The command
+line is tools/preprocess.py; docs/preprocess.md explains the choices.
+"""
