@@ -108,8 +108,12 @@ class FacerBackend(FaceBackend):
 
         self.torch, self.device = torch, device
         try:
-            self.detector = facer.face_detector("retinaface/mobilenet", device=device,
-                                                threshold=threshold)
+            try:
+                self.detector = facer.face_detector("retinaface/mobilenet", device=device,
+                                                    threshold=threshold)
+            except TypeError:  # older FACER: no keyword arguments; the attribute is read per call
+                self.detector = facer.face_detector("retinaface/mobilenet", device=device)
+                self.detector.threshold = threshold
             self.parser = facer.face_parser("farl/lapa/448", device=device)
         except Exception as e:  # weights missing and no network: name them
             raise BackendUnavailable(f"backend 'facer' could not load its weights ({e}); "
