@@ -20,6 +20,7 @@ Backends:
 from __future__ import annotations
 
 import abc
+import warnings
 
 import numpy as np
 
@@ -111,9 +112,13 @@ class FacerBackend(FaceBackend):
             try:
                 self.detector = facer.face_detector("retinaface/mobilenet", device=device,
                                                     threshold=threshold)
-            except TypeError:  # older FACER: no keyword arguments; the attribute is read per call
+            except TypeError:  # older FACER takes no keyword arguments
                 self.detector = facer.face_detector("retinaface/mobilenet", device=device)
-                self.detector.threshold = threshold
+                if hasattr(self.detector, "threshold"):
+                    self.detector.threshold = threshold
+                else:
+                    warnings.warn(f"this FACER version cannot set the detector threshold to "
+                                  f"{threshold}; its default is used (SPEC 4.2 uses 0.3)")
             self.parser = facer.face_parser("farl/lapa/448", device=device)
         except Exception as e:  # weights missing and no network: name them
             raise BackendUnavailable(f"backend 'facer' could not load its weights ({e}); "
