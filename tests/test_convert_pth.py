@@ -9,7 +9,11 @@ refused without running it.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -140,3 +144,47 @@ def test_save_pth_loads_under_torch_default_weights_only(tmp_path):
     np.testing.assert_array_equal(ref["model"]["w"].numpy(), arr)
     assert ref["epoch"] == 3 and ref["args"]["input_size"] == 224
     np.testing.assert_array_equal(load_pth(path)["model"]["w"], arr)
+
+
+def test_core_package_imports_published_checkpoints_without_torch(tmp_path):
+    """In a fresh interpreter where ``import torch`` fails, a torch-written published-layout file
+    still imports; writing ``.pth`` then fails with a message that names the extra."""
+    import jax
+
+    from fsvfm_jax.convert import fsfm_layout
+    from fsvfm_jax.models.fsfm import fsfm_config, init_params
+
+    cfg = fsfm_config("tiny")
+    shapes = fsfm_layout.flatten(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))[0])
+    rng = np.random.default_rng(0)
+    sd = collections.OrderedDict()
+    for p, s in shapes.items():
+        value = rng.standard_normal(s.shape).astype(np.float32)
+        sd[fsfm_layout.torch_name(p)] = torch.from_numpy(fsfm_layout.to_torch_layout(p, value).copy())
+    for name, table in fsfm_layout.position_tables(cfg).items():
+        sd[name] = torch.from_numpy(table)
+    torch.save({"model": sd, "epoch": 5, "args": argparse.Namespace(model="tiny")}, tmp_path / "checkpoint-5.pth")
+    np.savez(tmp_path / "ref.npz", **{k: v.numpy() for k, v in sd.items()})
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now raises ImportError
+        import numpy as np
+        from fsvfm_jax.convert import fsfm_layout
+        from fsvfm_jax.convert.fsfm_checkpoint import import_fsfm
+        from fsvfm_jax.convert.pth import save_pth
+        got = import_fsfm(r"{tmp_path / 'checkpoint-5.pth'}")
+        ref = np.load(r"{tmp_path / 'ref.npz'}")
+        sd = fsfm_layout.to_state_dict(got.online, got.cfg)
+        assert got.size == "tiny" and got.epoch == 5 and got.args.model == "tiny"
+        assert all(np.array_equal(sd[k], ref[k]) for k in ref.files), "values differ"
+        try:
+            save_pth(r"{tmp_path / 'x.pth'}", {{}})
+        except RuntimeError as err:
+            assert "pip install -e .[torch]" in str(err)
+        else:
+            raise AssertionError("save_pth without torch must fail")
+        print("OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+

@@ -31,21 +31,24 @@ MEAN_STD = ([0.5482207536697388, 0.42340534925460815, 0.3654651641845703],
 
 def pretrained_like_encoder(cfg, seed=0):
     """An encoder tree whose every leaf (LayerNorm scales and biases included) is non-trivial, so a
-    swapped or missing norm, a transposed kernel or a wrong head split shows in the features."""
+    swapped or missing norm, a transposed kernel or a wrong head split shows in the features.
+    Shapes come from the module (abstractly); values are drawn here, so no init forward runs."""
     enc = ViTEncoder(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                      depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
-    params = enc.init(jax.random.key(seed), jnp.zeros((1, cfg.img_size, cfg.img_size, 3)))["params"]
+    shapes = jax.eval_shape(lambda: enc.init(jax.random.key(0), jnp.zeros((1, cfg.img_size, cfg.img_size, 3)))["params"])
     rng = np.random.default_rng(seed)
 
-    def perturb(path, x):
-        x = np.asarray(x)
+    def draw(path, leaf):
         name = jax.tree_util.keystr(path)
-        noise = rng.standard_normal(x.shape).astype(np.float32)
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
         if "scale" in name:
-            return x + 0.2 * noise
-        return x + (0.05 if "bias" in name else 0.02) * noise
+            return 1.0 + 0.2 * noise
+        if "bias" in name:
+            return 0.05 * noise
+        fan_in = int(np.prod(leaf.shape[:-1])) if "kernel" in name else 50
+        return noise * np.float32(1.0 / np.sqrt(fan_in))
 
-    return jax.tree_util.tree_map_with_path(perturb, params)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def images_for(cfg, n=2, seed=1):

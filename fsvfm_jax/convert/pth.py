@@ -87,6 +87,11 @@ def _rebuild_tensor(storage: np.ndarray, storage_offset: int, size, stride, requ
     if storage_offset < 0 or last >= storage.size:
         raise CheckpointReadError(f"tensor of size {size} stride {stride} at offset {storage_offset} runs past "
                                   f"its storage of {storage.size} elements (corrupt file?)")
+    numel = int(np.prod(size))
+    contiguous = tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
+    if all(st == c for n, st, c in zip(size, stride, contiguous) if n > 1):
+        # The common case: a plain view of the storage, no copy (memory stays ~ the file size).
+        return storage[storage_offset:storage_offset + numel].reshape(size)
     view = np.lib.stride_tricks.as_strided(
         storage[storage_offset:], shape=size, strides=tuple(st * storage.itemsize for st in stride), writeable=False)
     return np.array(view, copy=True)
@@ -132,15 +137,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
         key = str(key)
         if key not in self._storages:
             name = f"{self._prefix}data/{key}"
+            dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
+            arr = np.empty(int(numel), dtype)  # read straight into a writable array: one copy
             try:
-                raw = self._archive.read(name)
+                with self._archive.open(name) as f:
+                    got = f.readinto(arr.view(np.uint8)) if arr.nbytes else 0
             except KeyError:
                 raise CheckpointReadError(f"{self._source}: storage {name} is missing from the archive (corrupt file?)")
-            dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
-            if len(raw) < int(numel) * dtype.itemsize:
-                raise CheckpointReadError(f"{self._source}: storage {name} holds {len(raw)} bytes, "
+            if got != arr.nbytes:
+                raise CheckpointReadError(f"{self._source}: storage {name} holds {got} bytes, "
                                           f"{numel} x {dtype.itemsize} expected (truncated file?)")
-            arr = np.frombuffer(raw, dtype=dtype, count=int(numel))
             self._storages[key] = arr.astype(storage_type.dtype, copy=False)
         return self._storages[key]
 
