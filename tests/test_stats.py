@@ -97,3 +97,22 @@ def test_command_line_tool(roots, tmp_path):
     np.testing.assert_allclose(printed["mean"], ref_mean, atol=1e-6)
     np.testing.assert_allclose(printed["std"], ref_std, atol=1e-6)
     assert "12/12 images" in proc.stderr
+
+
+def test_bad_image_fails_or_is_skipped(tmp_path, caplog):
+    from fsvfm_jax.data.records import BadRecordError
+    root = str(tmp_path / "r")
+    write_synthetic_dataset(root, 5, seed=22)
+    bad = os.path.join(root, "images", "synth_000001.png")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 3])
+    with pytest.raises(BadRecordError, match="synth_000001.png"):
+        stats.compute_mean_std(root)
+    with caplog.at_level(logging.WARNING):
+        mean, std, info = stats.compute_mean_std(root, skip_bad=True)
+    assert info["records"] == 4 and len(info["skipped"]) == 1 and "synth_000001.png" in caplog.text
+    os.remove(bad)
+    os.remove(os.path.join(root, "parsing_maps", "synth_000001.npy"))
+    ref_mean, ref_std = _numpy_mean_std([root])
+    np.testing.assert_allclose(mean, ref_mean, atol=1e-6)
+    np.testing.assert_allclose(std, ref_std, atol=1e-6)
