@@ -68,13 +68,14 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path 
 def _model_config(workdir: Path | None, params, source: str) -> tuple[str, FSFMConfig]:
     """Size from the weights (checked against config.json), img_size and the rep-decoder table
     option from config.json (the weights cannot tell them: position tables are not parameters)."""
-    size = identify_size(encoder_geometry(_encoder_sd(params), source), source)
+    geometry = encoder_geometry(_encoder_sd(params), source)
+    size = identify_size(geometry, source)
     overrides: dict[str, Any] = {}
     config_file = workdir / "config.json" if workdir else None
     if config_file is not None and config_file.is_file():
         model = json.loads(config_file.read_text()).get("model", {})
         if model.get("size"):
-            identify_size(encoder_geometry(_encoder_sd(params), source), f"{source} (config.json)", model["size"])
+            identify_size(geometry, f"{source} (config.json says {model['size']!r})", model["size"])
         for key in ("img_size", "rep_decoder_pos_embed"):
             if key in model:
                 overrides[key] = model[key]
@@ -84,7 +85,8 @@ def _model_config(workdir: Path | None, params, source: str) -> tuple[str, FSFMC
 
 
 def _encoder_sd(params) -> dict[str, np.ndarray]:
-    """Torch-layout encoder keys of an online/target tree (enough for :func:`encoder_geometry`)."""
+    """Torch-layout encoder keys of an online/target tree (enough for :func:`encoder_geometry`;
+    transposes are numpy views, nothing is copied)."""
     return {fsfm_layout.torch_name("encoder/" + p): fsfm_layout.to_torch_layout(p, v)
             for p, v in fsfm_layout.flatten(params["encoder"]).items()}
 
