@@ -76,13 +76,16 @@ def test_ema_cadences(cadence):
     """One optimizer step over 2 micro-batches: "step" applies m once with the updated online
     parameters, "micro" applies m(0) with the old ones then m(1) with the new ones (as the
     published engine does every micro-iteration), "frozen" never moves the target."""
-    cfg = fsfm_config("tiny")
+    cfg = fsfm_config("tiny", img_size=64)
     schedule = lambda i: 0.9 + 0.01 * jnp.asarray(i, jnp.float32)
     opt, step = _step(cfg, 1e-3, momentum_fn=schedule, accum_steps=2, ema_cadence=cadence)
     online, target = init_params(cfg, jax.random.key(0))
     target = jax.tree.map(lambda x: x + 0.5, target)  # make the target differ from the online net
     state = init_state(online, target, opt)
-    new_state, metrics = step(state, _fixed_batch(4))
+    rng = np.random.default_rng(0)
+    mask = np.argsort(rng.random((4, 16)), axis=1) < 12
+    batch = dict(image=rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8), img_mask=mask, fr_mask=mask)
+    new_state, metrics = step(state, batch)
     new_online = new_state["params"]
     if cadence == "step":
         expected = ema_update(target, new_online, 0.9)
