@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsvfm_jax.convert.timm_export import (
-    MEAN_STD_FILENAME, encoder_to_timm, pooled_features, read_mean_std, write_timm_export,
-)
+from fsvfm_jax.convert.timm_export import encoder_to_timm, pooled_features, write_timm_export
+from fsvfm_jax.data.stats import MEAN_STD_FILENAME, read_mean_std
 from fsvfm_jax.models.fsfm import fsfm_config
 from fsvfm_jax.models.vit import ViTEncoder
 
@@ -98,7 +97,7 @@ def test_export_matches_timm(size, tmp_path, record_property):
         assert manifest["exports"]["avg"]["model_args"]["num_heads"] == 12
     on_disk = json.loads((tmp_path / "timm_export.json").read_text())
     assert on_disk["exports"] == json.loads(json.dumps(manifest["exports"]))
-    assert read_mean_std(tmp_path / MEAN_STD_FILENAME) == (MEAN_STD[0], MEAN_STD[1])
+    assert read_mean_std(tmp_path / MEAN_STD_FILENAME) == (tuple(MEAN_STD[0]), tuple(MEAN_STD[1]))
 
 
 @pytest.mark.slow

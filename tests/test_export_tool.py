@@ -19,7 +19,8 @@ from fsvfm_jax import checkpoint
 from fsvfm_jax.config import pretrain_config
 from fsvfm_jax.convert import fsfm_layout
 from fsvfm_jax.convert.fsfm_checkpoint import import_fsfm
-from fsvfm_jax.convert.timm_export import pooled_features, read_mean_std
+from fsvfm_jax.convert.timm_export import pooled_features
+from fsvfm_jax.data.stats import read_mean_std
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
 from fsvfm_jax.optim import make_optimizer
 from fsvfm_jax.train.step import init_state
@@ -67,7 +68,7 @@ def test_export_to_timm_from_an_orbax_workdir(workdir, tmp_path, record_property
     assert _export_main([str(root), "--to", "timm", "--out", str(out)]) == 0
     manifest = json.loads((out / "timm_export.json").read_text())
     assert manifest["step"] == 30
-    assert read_mean_std(out / "pretrain_ds_mean_std.txt") == ([0.55, 0.42, 0.36], [0.28, 0.24, 0.23])
+    assert read_mean_std(out / "pretrain_ds_mean_std.txt") == ((0.55, 0.42, 0.36), (0.28, 0.24, 0.23))
     images = np.random.default_rng(1).standard_normal((2, 224, 224, 3)).astype(np.float32)
     diffs = {}
     for pool, entry in manifest["exports"].items():

@@ -198,7 +198,7 @@ def test_import_tool_writes_a_resumable_train_state(tmp_path):
         assert set(a) == set(b) and all(np.array_equal(a[k], np.asarray(b[k])) for k in a)
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(state["opt"]) if x.dtype == jnp.float32)
     on_host = read_train_state(workdir)
-    assert on_host.size == "tiny" and on_host.mean_std == ([0.5, 0.4, 0.3], [0.2, 0.2, 0.2])
+    assert on_host.size == "tiny" and on_host.mean_std == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
     assert (workdir / "config.json").is_file()
     # A second import into the same workdir is refused.
     assert _tool("import_fsfm").main([str(tmp_path / "checkpoint-599.pth"), "--workdir", str(workdir)]) == 1

@@ -22,10 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fsvfm_jax.convert.fsfm_checkpoint import export_fsfm  # noqa: E402
 from fsvfm_jax.convert.pth import CheckpointReadError  # noqa: E402
-from fsvfm_jax.convert.timm_export import (  # noqa: E402
-    MEAN_STD_FILENAME, POOLS, read_mean_std, write_mean_std, write_timm_export,
-)
+from fsvfm_jax.convert.timm_export import POOLS, write_timm_export  # noqa: E402
 from fsvfm_jax.convert.train_state import read_train_state  # noqa: E402
+from fsvfm_jax.data.stats import MEAN_STD_FILENAME, read_mean_std, write_mean_std  # noqa: E402
 
 PUBLISHED_MODEL_NAMES = {"tiny": "fsfm_vit_tiny (test size)", "small": "fsfm_vit_small_patch16",
                          "base": "fsfm_vit_base_patch16", "large": "fsfm_vit_large_patch16",
@@ -53,6 +52,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         state = read_train_state(args.checkpoint, args.step)
+        if args.mean_std and not Path(args.mean_std).is_file():
+            raise FileNotFoundError(f"--mean-std {args.mean_std}: no such file")
         mean_std = read_mean_std(args.mean_std) if args.mean_std else state.mean_std
         if mean_std is None:
             raise FileNotFoundError(f"no {MEAN_STD_FILENAME} beside {args.checkpoint}: the normalisation must travel "

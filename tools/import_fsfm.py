@@ -35,8 +35,9 @@ import numpy as np  # noqa: E402
 from fsvfm_jax.convert import fsfm_layout  # noqa: E402
 from fsvfm_jax.convert.fsfm_checkpoint import import_fsfm  # noqa: E402
 from fsvfm_jax.convert.pth import CheckpointReadError  # noqa: E402
-from fsvfm_jax.convert.timm_export import MEAN_STD_FILENAME, load_encoder_for_finetune, read_mean_std  # noqa: E402
+from fsvfm_jax.convert.timm_export import load_encoder_for_finetune  # noqa: E402
 from fsvfm_jax.convert.train_state import write_train_state  # noqa: E402
+from fsvfm_jax.data.stats import MEAN_STD_FILENAME, read_mean_std  # noqa: E402
 from fsvfm_jax.models.fsfm import fsfm_config, shared_subtree  # noqa: E402
 
 log = logging.getLogger("import_fsfm")

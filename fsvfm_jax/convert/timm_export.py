@@ -35,6 +35,7 @@ from fsvfm_jax.convert.fsfm_checkpoint import (
 )
 from fsvfm_jax.convert.pos_embed import resample_pos_embed
 from fsvfm_jax.convert.pth import load_pth, save_pth
+from fsvfm_jax.data.stats import MEAN_STD_FILENAME, write_mean_std
 from fsvfm_jax.models.fsfm import FSFMConfig, fsfm_config
 from fsvfm_jax.models.vit import VIT_LN_EPS, ViTEncoder, sincos_pos_embed_2d
 
@@ -49,7 +50,6 @@ TIMM_MODEL_NAMES = {
     "huge": "vit_huge_patch14_224",
 }
 EXPORT_MANIFEST = "timm_export.json"
-MEAN_STD_FILENAME = "pretrain_ds_mean_std.txt"
 
 
 def timm_model_args(cfg: FSFMConfig, pool: str) -> dict[str, Any]:
@@ -126,26 +126,6 @@ def encoder_to_timm(encoder, cfg: FSFMConfig, pool: str = "avg") -> dict[str, np
     sd = {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
     check_shapes(sd, expected_timm_shapes(cfg, pool), "timm export")
     return sd
-
-
-def read_mean_std(path: str | Path) -> tuple[list[float], list[float]]:
-    """First JSON line of a ``pretrain_ds_mean_std.txt`` (SPEC 4.5): ``(mean, std)``, RGB in [0, 1]."""
-    path = Path(path)
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    if not lines:
-        raise ValueError(f"{path}: empty mean/std file")
-    try:
-        first = json.loads(lines[0])
-        mean, std = [float(x) for x in first["mean"]], [float(x) for x in first["std"]]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: first line is not {{\"mean\": [r, g, b], \"std\": [r, g, b]}} ({err})") from err
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"{path}: mean and std need 3 channels, got {mean}, {std}")
-    return mean, std
-
-
-def write_mean_std(path: str | Path, mean, std) -> None:
-    Path(path).write_text(json.dumps({"mean": [float(x) for x in mean], "std": [float(x) for x in std]}) + "\n")
 
 
 def write_timm_export(out_dir: str | Path, encoder, cfg: FSFMConfig, size: str, *, mean_std=None,

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from fsvfm_jax.convert import fsfm_layout
 from fsvfm_jax.convert.fsfm_checkpoint import encoder_geometry, identify_size
-from fsvfm_jax.convert.timm_export import MEAN_STD_FILENAME, read_mean_std, write_mean_std
+from fsvfm_jax.data.stats import MEAN_STD_FILENAME, read_mean_std, write_mean_std
 from fsvfm_jax.models.fsfm import FSFMConfig, fsfm_config
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class TrainStateOnHost:
     cfg: FSFMConfig
     size: str
     workdir: Path | None
-    mean_std: tuple[list[float], list[float]] | None
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None  # first line of pretrain_ds_mean_std.txt
 
 
 def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path | None, Path, int]:
