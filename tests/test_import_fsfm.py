@@ -173,6 +173,13 @@ def test_finetune_loader_resamples_pos_embed_like_the_published_code(tmp_path):
         global_pool="avg", num_classes=0)
     big.load_state_dict({k: torch.from_numpy(v) for k, v in encoder_to_timm(tree, fsfm_config("tiny", img_size=256), "avg").items()},
                         strict=True)
+    # The same through the command line.
+    out = tmp_path / "enc" / "vit_256.npz"
+    assert _tool("import_fsfm").main([str(tmp_path / "checkpoint-9.pth"), "--encoder-only", "--img-size", "256",
+                                      "--out", str(out)]) == 0
+    saved = np.load(out)
+    np.testing.assert_array_equal(saved["pos_embed"], tree["pos_embed"])
+    assert set(saved.files) == set(fsfm_layout.flatten(tree))
 
 
 def test_import_tool_writes_a_resumable_train_state(tmp_path):
