@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
+import json
 from pathlib import Path
 
 import jax
@@ -207,6 +208,8 @@ def test_import_tool_writes_a_resumable_train_state(tmp_path):
     on_host = read_train_state(workdir)
     assert on_host.size == "tiny" and on_host.mean_std == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
     assert (workdir / "config.json").is_file()
+    record = json.loads((workdir / "imported_from.json").read_text())
+    assert record["epoch"] == 599 and record["target"].endswith("checkpoint-te-599.pth")
     # A second import into the same workdir is refused.
     assert _tool("import_fsfm").main([str(tmp_path / "checkpoint-599.pth"), "--workdir", str(workdir)]) == 1
 

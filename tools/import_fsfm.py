@@ -112,8 +112,11 @@ def main(argv=None) -> int:
             # size the model uses the table of the new grid (what the published model builds too).
             log.info("img_size %d -> %d: fixed position tables follow the new grid", cfg.img_size, args.img_size)
             cfg = fsfm_config(imported.size, img_size=args.img_size, rep_decoder_pos_embed=cfg.rep_decoder_pos_embed)
+        provenance = {"online": str(online.resolve()), "epoch": imported.epoch,
+                      "target": str(target_path.resolve()) if imported.target is not None else None,
+                      "target_initialised_from_online": imported.target is None}
         ckpt = write_train_state(args.workdir, imported.online, target, cfg, imported.size, step=args.step,
-                                 mean_std=_mean_std_beside(online))
+                                 mean_std=_mean_std_beside(online), provenance=provenance)
         print(f"imported {online}{' + ' + str(target_path) if imported.target is not None else ''} "
               f"({imported.size}, epoch {imported.epoch}) -> {ckpt}")
         cfg_file = {"tiny": "demo", "small": "pretrain_vit_small", "base": "pretrain_vit_base",

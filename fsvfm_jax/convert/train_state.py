@@ -124,14 +124,19 @@ def _set_schedule_counts(opt_state, step: int):
     return jax.tree.map(fix, opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByScheduleState))
 
 
+IMPORT_RECORD = "imported_from.json"
+
+
 def write_train_state(workdir: str | Path, online, target, cfg: FSFMConfig, size: str, *, step: int = 0,
-                      mean_std=None, config=None) -> Path:
+                      mean_std=None, config=None, provenance: dict | None = None) -> Path:
     """Create a pretraining workdir that ``tools/pretrain.py --resume`` continues from.
 
     Writes ``config.json`` (``config``, default ``pretrain_config(size)`` with this model's img_size
     and rep-decoder option), the mean/std file when known, and ``checkpoints/<step>/state`` with
-    a fresh optimizer state built exactly as the trainer builds it. Refuses a workdir that already
-    holds checkpoints.
+    a fresh optimizer state built exactly as the trainer builds it. ``provenance`` (the source
+    files, their epoch) goes to ``imported_from.json``, which also tells the trainer that this
+    checkpoint has no input-pipeline position to restore. Refuses a workdir that already holds
+    checkpoints.
     """
     from fsvfm_jax import checkpoint
     from fsvfm_jax.config import pretrain_config
@@ -161,6 +166,8 @@ def write_train_state(workdir: str | Path, online, target, cfg: FSFMConfig, size
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     if mean_std is not None:
         write_mean_std(workdir / MEAN_STD_FILENAME, *mean_std)
+    record = {"step": step, "size": size, "img_size": cfg.img_size, **(provenance or {})}
+    (workdir / IMPORT_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     manager = checkpoint.make_manager(workdir)
     try:
         checkpoint.save(manager, step, state)
