@@ -104,3 +104,45 @@ def test_export_errors_are_clear(workdir, tmp_path, capsys):
     (bare / "checkpoints").symlink_to(root / "checkpoints")
     assert _export_main([str(bare), "--to", "timm", "--out", str(tmp_path / "o")]) == 1
     assert "--mean-std" in capsys.readouterr().err
+
+
+def test_reads_a_checkpoint_saved_sharded_on_another_mesh(tmp_path):
+    """A state saved fsdp-sharded over 8 devices converts in a process with any device count
+    (restored as host numpy, no target shardings needed)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from fsvfm_jax.convert.train_state import read_train_state
+
+    script = textwrap.dedent(f"""
+        import jax, numpy as np
+        from fsvfm_jax import checkpoint, sharding
+        from fsvfm_jax.config import pretrain_config
+        from fsvfm_jax.convert.fsfm_layout import flatten
+        from fsvfm_jax.models.fsfm import fsfm_config, init_params
+        from fsvfm_jax.optim import make_optimizer
+        from fsvfm_jax.train.step import init_state
+        assert jax.device_count() == 8
+        cfg, opt = fsfm_config("tiny"), make_optimizer(lambda s: 1e-4)
+        init = lambda k: init_state(*init_params(cfg, k), opt)
+        mesh = sharding.make_mesh(2, 4)
+        shardings = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, 16)
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(5))
+        kernel = state["params"]["pixel_decoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+        assert len(kernel.sharding.device_set) > 1, kernel.sharding
+        manager = checkpoint.make_manager(r"{tmp_path}")
+        checkpoint.save(manager, 12, state)
+        manager.close()
+        open(r"{tmp_path / 'config.json'}", "w").write(pretrain_config("tiny").to_json_best_effort())
+        np.savez(r"{tmp_path / 'ref.npz'}", **{{k: np.asarray(v) for k, v in flatten(jax.device_get(state["params"])).items()}})
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = read_train_state(tmp_path)
+    ref = np.load(tmp_path / "ref.npz")
+    flat = fsfm_layout.flatten(state.params)
+    assert state.size == "tiny" and set(flat) == set(ref.files)
+    assert all(isinstance(flat[k], np.ndarray) and np.array_equal(flat[k], ref[k]) for k in ref.files)
