@@ -15,6 +15,9 @@ import jax
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data"
+# Written by tools/import_fsfm.py into the workdir it creates: the checkpoint there holds no
+# input-pipeline position, so a resumed run starts the data from the beginning.
+IMPORT_RECORD = "imported_from.json"
 
 
 def make_manager(workdir: str | Path, *, keep: int = 3, async_save: bool = False) -> ocp.CheckpointManager:
@@ -31,19 +34,23 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -
     manager.wait_until_finished()
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None, step: int | None = None):
+def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None, step: int | None = None,
+            *, require_data: bool = True):
     """Restore ``state`` onto the shardings of ``abstract_state`` (a tree of ``ShapeDtypeStruct``
-    with ``.sharding``); ``data_iterator`` is restored in place. Returns ``(step, state)``."""
+    with ``.sharding``); ``data_iterator`` is restored in place. A checkpoint without pipeline
+    state (one written by ``tools/import_fsfm.py``) is an error unless ``require_data=False``, in
+    which case the iterator keeps its fresh position. Returns ``(step, state, data_restored)``."""
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint found in {manager.directory}")
     items = {STATE: ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-        if DATA not in manager.item_metadata(step):
-            raise ValueError(f"checkpoint {manager.directory}/{step} has no input-pipeline state to resume from")
+    has_data = DATA in manager.item_metadata(step)
+    if data_iterator is not None and has_data:
         items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    elif data_iterator is not None and require_data:
+        raise ValueError(f"checkpoint {manager.directory}/{step} has no input-pipeline state to resume from")
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return step, restored[STATE]
+    return step, restored[STATE], DATA in items
 
 
 def abstract_with_shardings(tree, shardings):

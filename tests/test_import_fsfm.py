@@ -12,6 +12,9 @@ import argparse
 import collections
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -24,6 +27,7 @@ from fsvfm_jax.convert.fsfm_checkpoint import export_fsfm, import_fsfm
 from fsvfm_jax.convert.pth import CheckpointReadError
 from fsvfm_jax.convert.timm_export import load_encoder_for_finetune, pooled_features
 from fsvfm_jax.convert.train_state import read_train_state
+from fsvfm_jax.data.synthetic import write_synthetic_dataset
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
 from fsvfm_jax.models.vit import ViTEncoder, sincos_pos_embed_2d
 
@@ -199,7 +203,7 @@ def test_import_tool_writes_a_resumable_train_state(tmp_path):
     # The trainer's own restore path, with the abstract state the trainer builds.
     optimizer = make_optimizer(lambda s: 1e-4, clip_grad=1.0)
     abstract = jax.eval_shape(lambda: init_state(*init_params(cfg, jax.random.key(0)), optimizer))
-    step, state = checkpoint.restore(checkpoint.make_manager(workdir), abstract)
+    step, state, _ = checkpoint.restore(checkpoint.make_manager(workdir), abstract)
     assert step == 0 and int(state["step"]) == 0
     for mine, theirs in ((imported.online, state["params"]), (imported.target, state["target"])):
         a, b = fsfm_layout.flatten(mine), fsfm_layout.flatten(theirs)
@@ -212,6 +216,19 @@ def test_import_tool_writes_a_resumable_train_state(tmp_path):
     assert record["epoch"] == 599 and record["target"].endswith("checkpoint-te-599.pth")
     # A second import into the same workdir is refused.
     assert _tool("import_fsfm").main([str(tmp_path / "checkpoint-599.pth"), "--workdir", str(workdir)]) == 1
+    # Pretraining continues from it (no pipeline position: the data starts at its beginning).
+    faces = tmp_path / "faces"
+    write_synthetic_dataset(faces, 16, seed=0)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--config", str(ROOT / "configs" / "demo.py"),
+         "--workdir", str(workdir), "--resume", f"--config.data.roots={faces}", "--config.total_steps=2",
+         "--config.global_batch_size=8", "--config.log_every_steps=1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed from step 0 (an imported checkpoint" in run.stderr
+    assert "mean [0.5, 0.4, 0.3]" in run.stderr  # the imported run's own normalisation
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
 
 
 def test_wrong_size_and_corrupt_files_fail_clearly(tmp_path, capsys):

@@ -121,12 +121,9 @@ def main(argv=None) -> int:
               f"({imported.size}, epoch {imported.epoch}) -> {ckpt}")
         cfg_file = {"tiny": "demo", "small": "pretrain_vit_small", "base": "pretrain_vit_base",
                     "large": "pretrain_vit_large", "huge": "pretrain_vit_huge"}[imported.size]
-        mean_std_file = Path(args.workdir) / MEAN_STD_FILENAME
         print(f"continue with: python tools/pretrain.py --config configs/{cfg_file}.py --workdir {args.workdir} "
               f"--resume --config.model.img_size={cfg.img_size} "
-              f"--config.model.rep_decoder_pos_embed={cfg.rep_decoder_pos_embed} "
-              + (f"--config.data.mean_std_file={mean_std_file} " if mean_std_file.is_file() else "")
-              + "--config.data.roots=...")
+              f"--config.model.rep_decoder_pos_embed={cfg.rep_decoder_pos_embed} --config.data.roots=...")
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointReadError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -124,9 +124,6 @@ def _set_schedule_counts(opt_state, step: int):
     return jax.tree.map(fix, opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByScheduleState))
 
 
-IMPORT_RECORD = "imported_from.json"
-
-
 def write_train_state(workdir: str | Path, online, target, cfg: FSFMConfig, size: str, *, step: int = 0,
                       mean_std=None, config=None, provenance: dict | None = None) -> Path:
     """Create a pretraining workdir that ``tools/pretrain.py --resume`` continues from.
@@ -167,7 +164,7 @@ def write_train_state(workdir: str | Path, online, target, cfg: FSFMConfig, size
     if mean_std is not None:
         write_mean_std(workdir / MEAN_STD_FILENAME, *mean_std)
     record = {"step": step, "size": size, "img_size": cfg.img_size, **(provenance or {})}
-    (workdir / IMPORT_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (workdir / checkpoint.IMPORT_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     manager = checkpoint.make_manager(workdir)
     try:
         checkpoint.save(manager, step, state)

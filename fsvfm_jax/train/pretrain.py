@@ -62,10 +62,13 @@ def _setup_workdir(workdir: Path, config, resume: bool) -> None:
     logging.getLogger("fsvfm_jax").addHandler(handler)
 
 
-def _mean_std(config, workdir: Path):
-    """Normalisation statistics: the configured file, else the first root's, else VGGFace2's
-    published values (with a warning). The file actually used is copied into the workdir."""
+def _mean_std(config, workdir: Path, resume: bool):
+    """Normalisation statistics: the configured file, else (when resuming) the run's own, else the
+    first root's, else VGGFace2's published values (with a warning). The file actually used is
+    copied into the workdir, so it travels with exports."""
     candidates = [Path(config.data.mean_std_file)] if config.data.mean_std_file else []
+    if resume:
+        candidates.append(workdir / stats.MEAN_STD_FILENAME)
     candidates.append(Path(config.data.roots[0]) / stats.MEAN_STD_FILENAME)
     for path in candidates:
         if path.is_file():
@@ -103,7 +106,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     iterator = data.iterator()
     steps_per_epoch = data.batches_per_epoch
     total_steps = config.total_steps or config.epochs * steps_per_epoch
-    mean, std = _mean_std(config, workdir)
+    mean, std = _mean_std(config, workdir, resume)
     log.info("data: %d images (%d skipped while indexing), %d steps/epoch, %d steps; mean %s std %s",
              data.num_examples, getattr(data.source, "num_skipped", 0), steps_per_epoch, total_steps,
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())
@@ -135,8 +138,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
     if resume:
         abstract = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-        start_step, state = checkpoint.restore(manager, abstract, iterator)
-        log.info("resumed from step %d", start_step)
+        imported = (workdir / checkpoint.IMPORT_RECORD).exists()
+        start_step, state, data_restored = checkpoint.restore(manager, abstract, iterator, require_data=not imported)
+        log.info("resumed from step %d%s", start_step,
+                 "" if data_restored else " (an imported checkpoint: the input pipeline starts at its beginning)")
     else:
         state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
         start_step = 0
