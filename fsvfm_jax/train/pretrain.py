@@ -132,7 +132,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
     log.info("model %s: %.2fM online parameters, peak lr %.3g", config.model.size, n_params / 1e6, peak_lr)
 
-    train_step = jit_train_step(step_fn, state_shardings, mesh)
+    # Compile before the loop: an out-of-memory configuration fails here, with its numbers.
+    gb, img, num_patches = config.global_batch_size, mcfg.img_size, mcfg.num_patches
+    abstract_batch = dict(image=jax.ShapeDtypeStruct((gb, img, img, 3), jnp.uint8),
+                          img_mask=jax.ShapeDtypeStruct((gb, num_patches), jnp.bool_),
+                          fr_mask=jax.ShapeDtypeStruct((gb, num_patches), jnp.bool_))
+    t = time.perf_counter()
+    train_step = jit_train_step(step_fn, state_shardings, mesh).lower(abstract_state, abstract_batch).compile()
+    memory = train_step.memory_analysis()
+    if memory is not None:
+        log.info("compiled the train step in %.1f s; per device: arguments %.1f MiB, temporaries %.1f MiB",
+                 time.perf_counter() - t, memory.argument_size_in_bytes / 2**20, memory.temp_size_in_bytes / 2**20)
 
     # --- checkpoint / resume -------------------------------------------------------------------
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
