@@ -15,6 +15,14 @@ a pure function of its index:
     (drop_remainder, per epoch) -> repeat(num_epochs) -> masks for batch i from
     np.random.default_rng([seed, host, i]) -> iterator -> optional worker processes.
 
+Decode handles every record kind the sources hand out (records.decode_record): PNG
+records (folders, FSVFM1 shards) are decoded with cv2 to RGB and resized bicubic to
+image_size when needed; raw records (FSVFM2 shards from ``tools/to_array_record.py
+--encoding raw``) are already decoded at the model input size and only validated, a
+zero-copy view with no PNG decode: the choice for CPU-bound hosts. A raw shard written
+at another size than image_size raises `DataError` naming the shard and both sizes
+(never skipped). Batches are the same from either kind.
+
 Because batches and masks are made before the worker split, the output is the same for
 worker_count 0, 1, 2, ... (Grain slices the *batch* sequence over workers and
 interleaves them back in order). The iterator (`PretrainIterator`) keeps its position
@@ -55,7 +63,10 @@ log = logging.getLogger(__name__)
 
 
 class _Decode:
-    """RawRecord -> {'image': uint8 [S,S,3], 'parsing_map': uint8 [S,S]}; raises on bad input."""
+    """RawRecord -> {'image': uint8 [S,S,3], 'parsing_map': uint8 [S,S]}; raises on bad input.
+
+    PNG records are decoded (+ resized); raw (FSVFM2) records are validated views.
+    """
 
     def __init__(self, image_size: int):
         self.image_size = image_size

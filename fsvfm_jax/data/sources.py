@@ -4,8 +4,11 @@ Two on-disk forms, same records:
 * `FolderSource`: one or more roots in the published layout (SPEC 4.2),
   ``root/images/{name}.png`` paired with ``root/parsing_maps/{name}.npy``; roots are
   concatenated in the order given, names sorted within a root.
-* `ArrayRecordSource`: shards written by tools/to_array_record.py (record format in
-  records.py); fewer files and sequential reads for large sets.
+* `ArrayRecordSource`: shards written by tools/to_array_record.py (record formats in
+  records.py); fewer files and sequential reads for large sets. Shards hold either the
+  published PNG/NPY bytes (FSVFM1) or the faces already decoded at the model input size
+  (FSVFM2, ``--encoding raw``: no PNG decode when read, for CPU-bound hosts); both are
+  read transparently, in any mix.
 
 Both are indexed and checked when built, so a wrong path fails at once instead of
 deep inside a worker: a missing root, a missing ``images/`` or ``parsing_maps/``
@@ -24,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fsvfm_jax.data.records import DataError, RawRecord, parse_record
+from fsvfm_jax.data.records import DataError, RawRecord, read_shard_record
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,8 @@ class ArrayRecordSource:
     """Records from ArrayRecord shards (``*.array_record`` files or folders of them).
 
     Shards are read in sorted path order, so the record order is the converter's.
+    Records of both versions (FSVFM1 png, FSVFM2 raw; records.py) are handed out as
+    `RawRecord`s; a malformed one carries ``read_error`` naming its shard and index.
     """
 
     def __init__(self, paths: str | Sequence[str]):
@@ -189,11 +194,7 @@ class ArrayRecordSource:
         index = int(index)
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         where = f"record {index - self._offsets[shard]} of {self.paths[shard]}"
-        try:
-            name, png, npy = parse_record(self._source[index], where)
-        except DataError as e:
-            return RawRecord(where, where, None, None, str(e))
-        return RawRecord(f"{name}.png ({where})", f"{name}.npy ({where})", png, npy)
+        return read_shard_record(self._source[index], where)
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({len(self.paths)} shards, num_records={self.num_records})"
