@@ -21,6 +21,8 @@ from fsvfm_jax.train.pretrain import train  # noqa: E402
 config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and logs")
 flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --workdir")
+flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize() first (TPU pods, "
+                  "SLURM/Open MPI GPU clusters: it reads the coordinator from the environment)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,6 +31,10 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if flags.FLAGS.distributed:
+        import jax
+
+        jax.distributed.initialize()
     try:
         train(flags.FLAGS.config, flags.FLAGS.workdir, resume=flags.FLAGS.resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

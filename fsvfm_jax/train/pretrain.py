@@ -56,6 +56,8 @@ def _setup_workdir(workdir: Path, config, resume: bool) -> None:
             if saved["model"][key] != config.model[key]:
                 raise ValueError(f"--resume: {config_file} has model.{key}={saved['model'][key]!r}, "
                                  f"the config asks for {config.model[key]!r}")
+    if jax.process_index() != 0:  # one writer per workdir on a shared filesystem
+        return
     config_file.write_text(config.to_json_best_effort(indent=2))
     handler = logging.FileHandler(workdir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -72,11 +74,12 @@ def _mean_std(config, workdir: Path, resume: bool):
     candidates.append(Path(config.data.roots[0]) / stats.MEAN_STD_FILENAME)
     for path in candidates:
         if path.is_file():
-            if path.resolve() != (workdir / stats.MEAN_STD_FILENAME).resolve():
+            if jax.process_index() == 0 and path.resolve() != (workdir / stats.MEAN_STD_FILENAME).resolve():
                 shutil.copyfile(path, workdir / stats.MEAN_STD_FILENAME)
             return stats.read_mean_std(path)
     mean, std = stats.read_mean_std(candidates[-1])  # falls back, warns
-    stats.write_mean_std(workdir / stats.MEAN_STD_FILENAME, mean, std)
+    if jax.process_index() == 0:
+        stats.write_mean_std(workdir / stats.MEAN_STD_FILENAME, mean, std)
     return mean, std
 
 
@@ -158,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
 
     # --- loop ----------------------------------------------------------------------------------
     n_masked = data.num_patches - mcfg.n_keep(config.data.mask_ratio)
-    metrics_file = (workdir / "metrics.jsonl").open("a")
+    metrics_file = (workdir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
     last, t0, seen = {}, time.perf_counter(), 0
     last_step = min(total_steps, config.stop_at_step or total_steps)
     if start_step >= last_step:
@@ -177,8 +180,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                 last = {"step": step, "epoch": step / steps_per_epoch,
                         **{k: float(v) for k, v in metrics.items()},
                         "images_per_s": seen / elapsed, "skipped_records": iterator.num_skipped}
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
+                if metrics_file:
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
                 log.info("step %d/%d  loss %.4f (rec %.4f fr %.4f cl %.4f)  lr %.3g  m %.5f  %.1f img/s",
                          step, total_steps, last["loss"], last["loss_rec_all"], last["loss_rec_fr"],
                          last["loss_cl"], last["lr"], last["momentum"], last["images_per_s"])
@@ -190,6 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                 checkpoint.save(manager, step, state, iterator)
                 log.info("saved checkpoint %d", step)
     finally:
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
         manager.close()
     return last
