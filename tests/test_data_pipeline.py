@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import cv2
+import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -133,14 +134,14 @@ def test_resume_from_orbax_matches_uninterrupted_run(root, tmp_path, skip_bad):
     manager = ocp.CheckpointManager(str(tmp_path / "ckpt"))
     state = {"w": np.arange(4.0)}
     manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            data=pipeline.iterator_save_args(it)))
+                                            data=grain.checkpoint.CheckpointSave(it)))
     next(it)  # moving on before an async save finishes must not change what was saved
     manager.wait_until_finished()
     saved = json.loads((tmp_path / "ckpt" / "7" / "data" / "process_0-of-1.json").read_text())
     assert saved["position"] == (7 if not skip_bad else 7 * 8)
     fresh = pipeline.make_pretrain_iterator(root, **kw)
     restored = manager.restore(7, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), data=pipeline.iterator_restore_args(fresh)))
+        state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(fresh)))
     assert restored["data"] is fresh
     np.testing.assert_array_equal(restored["state"]["w"], state["w"])
     tail = [_digest(b) for b in _collect(fresh)]

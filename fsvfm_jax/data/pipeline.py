@@ -139,7 +139,9 @@ class PretrainIterator(grain.DatasetIterator):
     rebuilds the Grain pipeline from ``stream[p:]``, so a state restores into an iterator
     with any worker_count, and the next batch is the one an uninterrupted run would give.
     It is a ``grain.DatasetIterator``, so Grain's Orbax handler saves and restores it
-    (see iterator_save_args / iterator_restore_args).
+    (``fsvfm_jax.checkpoint`` saves it beside the train state). Restore into an iterator built
+    with the same data, seed, batch_size, shard layout and mask settings (checked: a mismatch
+    raises); worker_count and read_threads may differ.
 
     Attributes:
       num_skipped: bad records skipped so far (skip_bad=True), carried through restores.
@@ -370,27 +372,3 @@ def make_pretrain_dataset(
 def make_pretrain_iterator(paths_or_source, **kwargs) -> PretrainIterator:
     """``make_pretrain_dataset(...).iterator()``: the iterator alone (same arguments)."""
     return make_pretrain_dataset(paths_or_source, **kwargs).iterator()
-
-
-# --- Orbax: the iterator checkpoints beside the train state -------------------------
-# Grain ships an Orbax handler whose args are registered with Orbax, so a
-# CheckpointManager needs no handler registry; each process writes its own
-# process_{i}-of-{n}.json. Usage:
-#
-#   manager.save(step, args=ocp.args.Composite(
-#       state=ocp.args.StandardSave(state), data=iterator_save_args(it)))
-#   restored = manager.restore(step, args=ocp.args.Composite(
-#       state=ocp.args.StandardRestore(abstract_state), data=iterator_restore_args(it)))
-#   it = restored["data"]          # the same object, now positioned after step's batch
-#
-# Restore into an iterator built with the same data, seed, batch_size, shard layout and
-# mask settings (checked: a mismatch raises); worker_count and read_threads may differ.
-
-def iterator_save_args(iterator: PretrainIterator):
-    """Orbax save args for a pipeline iterator (grain.checkpoint.CheckpointSave)."""
-    return grain.checkpoint.CheckpointSave(iterator)
-
-
-def iterator_restore_args(iterator: PretrainIterator):
-    """Orbax restore args; restores the state into ``iterator`` in place and returns it."""
-    return grain.checkpoint.CheckpointRestore(iterator)
