@@ -6,7 +6,7 @@ Schedules are functions of the optimizer step, so a resumed run recomputes them 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,10 +56,6 @@ def global_norm(tree) -> jnp.ndarray:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-class ClipState(NamedTuple):
-    pass
-
-
 def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
     """``torch.nn.utils.clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``."""
 
@@ -68,7 +64,7 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
         coef = jnp.minimum(1.0, max_norm / (global_norm(updates) + 1e-6))
         return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
 
-    return optax.GradientTransformation(lambda params: ClipState(), update)
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(lr: Callable | float, *, weight_decay: float = 0.05, b1: float = 0.9, b2: float = 0.95,
