@@ -1,6 +1,6 @@
 """Numerical parity with the published PyTorch implementation on one pretraining iteration.
 
-The fixture (``shared/fixtures/fsfm_tiny_parity.*``) holds the published weights, a batch, every
+The fixture (``tests/fixtures/fsfm_tiny_parity.*``, see its README) holds the published weights, a batch, every
 forward output, the raw gradients, the parameters after one clipped AdamW step and the EMA target
 after it, for the tiny configuration. We import the weights from the published key layout and run
 our model, losses, train step and EMA on the same batch. Tolerances are the fixture's own guidance.
@@ -9,7 +9,6 @@ our model, losses, train step and EMA on the same batch. Tolerances are the fixt
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +20,13 @@ from fsvfm_jax.models.fsfm import FSFMOnline, FSFMTarget, fsfm_config
 from fsvfm_jax.optim import make_optimizer
 from fsvfm_jax.train.step import init_state, make_loss_fn, make_train_step, normalize_images
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-NPZ = FIXTURES / "fsfm_tiny_parity.npz"
-
-pytestmark = pytest.mark.skipif(not NPZ.exists(), reason=f"parity fixture not found at {NPZ}")
+from parity_fixture import PARITY_JSON, PARITY_NPZ, require
 
 
 @pytest.fixture(scope="module")
 def fx():
-    data = np.load(NPZ)
-    meta = json.loads((FIXTURES / "fsfm_tiny_parity.json").read_text())
+    data = np.load(require(PARITY_NPZ))
+    meta = json.loads(require(PARITY_JSON).read_text())
     arrays = {k: data[k] for k in data.files}
     group = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
     cfg = fsfm_config("tiny")

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import crfrp_reference as ref
+from parity_fixture import PARITY_JSON, PARITY_NPZ, require
 from fsvfm_jax import masking
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 PATCH_SIZES = (16, 14)  # 14x14 and 16x16 grids from 224 px
 
 
@@ -344,9 +343,7 @@ def test_published_fixture_region_set():
     The fixture JSON's ``crfrp_region_group_drawn: [4, 5]`` is a label set (right and left
     eye), i.e. group 1; groups 4 and 5 do not reproduce the published sfr_mask.
     """
-    npz, meta = FIXTURES / "fsfm_tiny_parity.npz", FIXTURES / "fsfm_tiny_parity.json"
-    if not (npz.exists() and meta.exists()):
-        pytest.skip(f"published parity fixture not found under {FIXTURES}")
+    npz, meta = require(PARITY_NPZ), require(PARITY_JSON)
     batch_meta = json.loads(meta.read_text())["batch"]
     data = np.load(npz)
     maps = data["batch/parsing_maps"]

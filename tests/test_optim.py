@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +15,11 @@ from fsvfm_jax.optim import (
     absolute_lr, clip_by_global_norm_torch, decay_mask, ema_update, lr_schedule, make_optimizer,
     momentum_schedule,
 )
+from parity_fixture import PARITY_JSON, require
 
-FIXTURE_JSON = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "fsfm_tiny_parity.json"
 
-
-@pytest.mark.skipif(not FIXTURE_JSON.exists(), reason=f"fixture not found at {FIXTURE_JSON}")
 def test_decay_mask_is_exactly_the_published_parameter_groups():
-    published = json.loads(FIXTURE_JSON.read_text())["optimizer"]
+    published = json.loads(require(PARITY_JSON).read_text())["optimizer"]
     online, _ = jax.eval_shape(lambda: init_params(fsfm_config("tiny"), jax.random.key(0)))
     mask = flatten(decay_mask(online))
     decayed = {torch_name(p) for p, d in mask.items() if d}
