@@ -1,5 +1,6 @@
-"""FS-VFM ViT-H/14 (defined by the published code; no published script or checkpoint): the published recipe (SPEC 2): global batch 4096, 600 epochs, blr 1.5e-4,
-warmup 40, wd 0.05, mask ratio 0.75, CRFR-P, SimSiam self-distillation."""
+"""FS-VFM ViT-H/14 (defined by the published code; no published script or checkpoint): the
+published recipe (docs/method.md, "Recipes"): global batch 4096, 600 epochs, blr 1.5e-4, warmup 40,
+wd 0.05, mask ratio 0.75, CRFR-P, SimSiam self-distillation."""
 
 from fsvfm_jax.config import pretrain_config
 

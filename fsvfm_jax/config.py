@@ -1,6 +1,6 @@
 """The pretraining recipe as an ``ml_collections.ConfigDict``.
 
-``configs/*.py`` call :func:`pretrain_config` with the published per-size settings (SPEC 2); every
+``configs/*.py`` call :func:`pretrain_config` with the published per-size settings (docs/method.md, "Recipes"); every
 field can be overridden on the command line (``--config.epochs=400``). Durations are epochs unless
 ``total_steps`` is set (smoke runs).
 """

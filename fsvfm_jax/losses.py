@@ -1,4 +1,4 @@
-"""The 3C pretraining objective (SPEC 1.4): masked reconstruction, facial-region reconstruction,
+"""The 3C pretraining objective (docs/method.md, "Losses"): masked reconstruction, facial-region reconstruction,
 and self-distillation between the online prediction and the target projection.
 
 Masked means are batch-global (one sum over every masked patch of the batch divided by their

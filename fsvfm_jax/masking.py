@@ -1,4 +1,4 @@
-"""Facial masking for masked image modelling: CRFR-P (SPEC 3) and its ablations, in numpy.
+"""Facial masking for masked image modelling: CRFR-P (docs/method.md) and its ablations, in numpy.
 
 Masks are made on the host, in the input pipeline, for a whole batch at once: every step is
 a numpy operation over ``[B, L]`` (or ``[B, 8, L]``) arrays, and the only Python loops run
@@ -13,12 +13,12 @@ Conventions (shared with the encoder and the losses):
 * ``fr_mask [B, L]`` bool, the facial-region patches the facial-region loss averages over;
   always a subset of ``img_mask``.
 
-Strategies (``STRATEGIES``). Only CRFR-P exists in the published code (SPEC 3.4); the other
+Strategies (``STRATEGIES``). Only CRFR-P exists in the published code; the other
 three are our definitions of the FSFM paper's masking ablations, documented here because no
 reference implementation exists to match.
 
-* ``"crfrp"``: Covering a Random Facial Region, then Proportional masking, exactly as SPEC 3.3
-  (``_crfrp``).
+* ``"crfrp"``: Covering a Random Facial Region, then Proportional masking, exactly as published
+  (``_crfrp``; docs/method.md, "CRFR-P masking").
 * ``"crfr_r"``: Covering a Random Facial Region, then Random masking. The chosen region is
   covered as in CRFR-P (including the extreme case: a region at or above the budget yields a
   uniform random ``n_masked``-subset of it), and the rest of the budget is spent uniformly at
@@ -30,8 +30,8 @@ reference implementation exists to match.
   masked and the remainder filled uniformly from the other (skin-only or background-only)
   patches. ``fr_mask`` is
   the masked part of that union. ``region_choice`` and ``region`` do not apply.
-* ``"random"``: MAE random masking, a uniform ``n_masked``-subset; ``fr_mask`` is empty
-  (SPEC 3.4), so a facial-region loss must guard against an empty mask.
+* ``"random"``: MAE random masking, a uniform ``n_masked``-subset; ``fr_mask`` is empty,
+  so a facial-region loss must guard against an empty mask.
 
 Fidelity notes on CRFR-P:
 
@@ -54,11 +54,11 @@ import numpy as np
 STRATEGIES = ("crfrp", "random", "fr", "crfr_r")
 REGION_CHOICES = ("batch", "sample")
 
-NUM_LABELS = 11  # LaPa labels of the FACER parser, SPEC 3.1: 0 background ... 10 hair.
+NUM_LABELS = 11  # LaPa labels of the FACER parser: 0 background ... 10 hair.
 
 
 class RegionGroup(NamedTuple):
-    """A region group of SPEC 3.2: a patch belongs to it if any pixel carries one of ``labels``."""
+    """A CRFR-P region group: a patch belongs to it if any pixel carries one of ``labels``."""
 
     name: str
     labels: tuple[int, ...]
@@ -148,7 +148,7 @@ def _patch_label_bits(parsing_maps: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def _membership_from_bits(patch_bits: np.ndarray) -> np.ndarray:
-    """``[B, L]`` label bitmasks -> ``[B, 8, L]`` bool group membership (SPEC 3.2)."""
+    """``[B, L]`` label bitmasks -> ``[B, 8, L]`` bool group membership."""
     membership = np.empty((patch_bits.shape[0], _NUM_GROUPS, patch_bits.shape[1]), dtype=bool)
     for g, group in enumerate(REGION_GROUPS):
         if g == BOUNDARY_GROUP:
@@ -170,7 +170,7 @@ def patch_region_membership(parsing_maps: np.ndarray, patch_size: int) -> np.nda
 
 
 def _claim(membership: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    """Claimed-set partition of SPEC 3.3: ``[B, L]`` int, the group each patch is assigned to.
+    """Claimed-set partition: ``[B, L]`` int, the group each patch is assigned to.
 
     The chosen region claims its patches first; every other patch goes to the first group in
     list order that contains it. Every patch has a label, so every patch is assigned.
@@ -212,7 +212,7 @@ def crfrp_planned_counts(membership: np.ndarray, regions: np.ndarray, n_masked: 
 
     ``membership`` is ``patch_region_membership``'s ``[B, 8, L]``; ``regions [B]`` the covered
     group of each sample; ``n_masked`` the target ``T``. ``sizes[b, j]`` counts the patches
-    assigned to group ``j`` by the claimed-set rule (the candidates of SPEC 3.3); ``quotas[b, j]``
+    assigned to group ``j`` by the claimed-set rule (CRFR-P's candidates); ``quotas[b, j]``
     how many of them CRFR-P masks before the fix-up. Exposed so tests can check the
     proportional step on its own; ``make_masks`` uses the same plan.
     """
@@ -265,7 +265,7 @@ def _take_quotas(assignment: np.ndarray, sizes: np.ndarray, quotas: np.ndarray,
 
     One argsort of ``group + uniform`` lays each row out group by group, every group in random
     order; a patch is taken when its rank inside its group is below the group's quota. The
-    groups are disjoint, so this equals SPEC 3.3's sequential per-group ``randperm`` draws.
+    groups are disjoint, so this equals the published sequential per-group ``randperm`` draws.
     """
     order = np.argsort(assignment + rng.random(assignment.shape), axis=1)
     group_sorted = np.take_along_axis(assignment, order, axis=1)
@@ -276,7 +276,7 @@ def _take_quotas(assignment: np.ndarray, sizes: np.ndarray, quotas: np.ndarray,
 
 def _crfrp(membership: np.ndarray, regions: np.ndarray, n_masked: int,
            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC 3.3 for a batch: ``(img_mask, fr_mask)`` bool ``[B, L]``.
+    """CRFR-P for a batch: ``(img_mask, fr_mask)`` bool ``[B, L]``.
 
     Stage 1 masks the chosen region and each other group's quota. Stage 2 is the exact-count
     fix-up, one draw for every row: ``k' > 0`` masks ``k'`` unmasked patches; ``k' < 0`` unmasks

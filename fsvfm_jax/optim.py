@@ -1,5 +1,6 @@
-"""Pretraining optimisation (SPEC 2, 1.5): AdamW with the published decay mask, per-step warmup
-and half-cosine learning rate, torch-style global-norm clipping, and the EMA momentum schedule.
+"""Pretraining optimisation (docs/method.md, "Optimizer and schedules"): AdamW with the published
+decay mask, per-step warmup and half-cosine learning rate, torch-style global-norm clipping, and
+the EMA momentum schedule.
 
 Schedules are functions of the optimizer step, so a resumed run recomputes them exactly.
 """

@@ -1,6 +1,6 @@
-"""Plain per-sample reference of SPEC 3 masking, and LaPa-like synthetic parsing maps.
+"""Plain per-sample reference of CRFR-P masking, and LaPa-like synthetic parsing maps.
 
-Written independently of ``fsvfm_jax.masking`` and as literally as SPEC 3.3 reads: one sample
+Written independently of ``fsvfm_jax.masking`` and as literally as the published collate reads: one sample
 at a time, Python sets, ``fractions.Fraction`` for the ratio, ``Generator.choice`` for every
 random subset. It is slow on purpose (it is what the vectorised code is tested and
 benchmarked against) and imports nothing from the library.
@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import numpy as np
 
-# SPEC 3.2, in order; None marks the facial-boundary rule.
+# The region groups in published order; None marks the facial-boundary rule.
 GROUP_LABELS = ({2, 3}, {4, 5}, {6}, {7, 8, 9}, None, {10}, {1}, {0})
 BOUNDARY = 4
 CHOOSABLE = 6
@@ -48,7 +48,7 @@ def _random_subset(rng: np.random.Generator, items: set[int], n: int) -> set[int
 
 def crfrp_sample(groups: list[set[int]], region: int, num_patches: int, n_masked: int,
                  rng: np.random.Generator) -> tuple[set[int], set[int], list[int]]:
-    """SPEC 3.3 for one sample: ``(img_mask, fr_mask, planned)`` with the per-group counts
+    """CRFR-P for one sample: ``(img_mask, fr_mask, planned)`` with the per-group counts
     masked before the exact-count fix-up (the chosen group's entry is ``c``)."""
     region_set = set(groups[region])
     c = len(region_set)

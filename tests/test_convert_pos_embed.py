@@ -1,4 +1,4 @@
-"""Position-table resampling (SPEC 5.3) against torch's ``F.interpolate(mode='bicubic')``."""
+"""Position-table resampling against torch's ``F.interpolate(mode='bicubic')``."""
 
 from __future__ import annotations
 

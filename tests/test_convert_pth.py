@@ -1,7 +1,7 @@
 """The torch-free ``.pth`` reader against files torch itself writes (torch is the reference).
 
 Published checkpoints hold an OrderedDict state dict (with ``_metadata``), AdamW and GradScaler
-state, an int epoch and a pickled ``argparse.Namespace`` (SPEC 5.1). We write files of that shape
+state, an int epoch and a pickled ``argparse.Namespace`` (docs/interop.md). We write files of that shape
 with torch and check every tensor comes back bit-exact, and that anything beyond the safe set is
 refused without running it.
 """

@@ -2,7 +2,7 @@
 
 For each size: export -> ``timm.create_model(name, pretrained=False, **exported args)`` ->
 ``load_state_dict(strict=True)`` -> features on the same images, in both downstream pooling modes
-(SPEC 5.2). Tolerance: max abs difference <= 1e-4 in float32.
+(docs/interop.md). Tolerance: max abs difference <= 1e-4 in float32.
 """
 
 from __future__ import annotations

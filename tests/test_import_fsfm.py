@@ -1,4 +1,4 @@
-"""Importing published FSFM / FS-VFM checkpoints (SPEC 5.1) and the fine-tuning loader.
+"""Importing published FSFM / FS-VFM checkpoints (docs/interop.md) and the fine-tuning loader.
 
 The reference network is timm's ``VisionTransformer``: a published-layout checkpoint is assembled
 in the test from a timm encoder plus the extra FSFM keys, saved the way the published code saves
@@ -164,7 +164,7 @@ def test_finetune_loader_resamples_pos_embed_like_the_published_code(tmp_path):
     tree = load_encoder_for_finetune(tmp_path / "checkpoint-9.pth", 256, pool="avg")
     assert tree["pos_embed"].shape == (1, 1 + 16 * 16, cfg.embed_dim)
     assert "norm" not in tree and np.all(tree["fc_norm"]["scale"] == 1) and np.all(tree["fc_norm"]["bias"] == 0)
-    # The published interpolate_pos_embed (SPEC 5.3), run in torch.
+    # The published interpolate_pos_embed, run in torch.
     pos = sd["pos_embed"]
     grid = pos[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
     grid = torch.nn.functional.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False)

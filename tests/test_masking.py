@@ -1,4 +1,4 @@
-"""CRFR-P and its ablations (fsvfm_jax.masking) against SPEC 3 and a plain per-sample reference.
+"""CRFR-P and its ablations (fsvfm_jax.masking) against the published rules and a plain per-sample reference.
 
 The reference (tests/crfrp_reference.py) is written independently, one sample at a time; the
 vectorised code is never compared with itself. Random draws cannot match draw for draw, so
@@ -22,7 +22,7 @@ PATCH_SIZES = (16, 14)  # 14x14 and 16x16 grids from 224 px
 
 
 def _extreme_maps(size: int = 224) -> dict[str, np.ndarray]:
-    """Hand-made maps at the edges of SPEC 3.3: each a uint8 [size, size]."""
+    """Hand-made maps at the edges of CRFR-P's rules: each a uint8 [size, size]."""
     maps = {}
     maps["all_background"] = np.zeros((size, size), np.uint8)
     maps["all_hair"] = np.full((size, size), 10, np.uint8)
@@ -100,7 +100,7 @@ def test_published_ratios_mask_floor_of_ratio(num_patches, ratio):
 
 
 def _check_strategy_invariants(maps, membership, img, fr, strategy, n_masked, regions):
-    """SPEC 3.3 outputs for every sample; ``regions`` [B] is the covered group (crfrp, crfr_r)."""
+    """CRFR-P's output rules for every sample; ``regions`` [B] is the covered group (crfrp, crfr_r)."""
     assert img.dtype == bool and fr.dtype == bool and img.shape == fr.shape == membership[:, 0].shape
     np.testing.assert_array_equal(img.sum(axis=1), n_masked)
     assert not (fr & ~img).any(), "fr_mask must be a subset of img_mask"
@@ -208,7 +208,7 @@ def test_fixup_changes_only_the_deficit(all_maps):
 
 
 def _reference_assignment(membership: np.ndarray, region: int) -> np.ndarray:
-    """Claimed-set owner of each patch, [B, L], by a plain loop over SPEC 3.3's list order."""
+    """Claimed-set owner of each patch, [B, L], by a plain loop over the groups' list order."""
     out = np.full(membership[:, 0].shape, -1)
     out[membership[:, region]] = region
     for g in range(8):
@@ -292,7 +292,7 @@ def test_patch_frequencies_match_reference(synthetic_maps):
 @pytest.mark.parametrize(("name", "strategy", "region"), [("all_skin", "random", None),
                                                           ("hair_over_budget", "crfrp", 5)])
 def test_uniform_subsets_have_uniform_patch_frequencies(name, strategy, region):
-    """Where SPEC 3 draws a uniform subset of a fixed pool (random masking over all patches;
+    """Where masking draws a uniform subset of a fixed pool (random masking over all patches;
     the extreme case's 147 of the hair patches), each pool patch is masked with probability
     147 / |pool| (5 binomial standard errors), and nothing outside the pool is."""
     parsing_map = _extreme_maps()[name]

@@ -1,4 +1,4 @@
-"""Model structure: parameter counts (SPEC 1.7), position tables (SPEC 1.6), patch layout."""
+"""Model structure: parameter counts (docs/method.md, "Sizes"), position tables, patch layout."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ def _count(tree):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-# SPEC 1.7, in millions: (encoder, online trainable total).
+# Counted from the published definitions (docs/method.md, "Sizes"), in millions: (encoder, online trainable total).
 PUBLISHED_COUNTS = {"small": (21.59, 56.0), "base": (85.65, 133.3), "large": (303.10, 363.9)}
 
 

@@ -19,7 +19,7 @@ from fsvfm_jax.preprocess.pipeline import crop_box
 from preprocess_helpers import require_models as _require_models, rgb as _rgb
 
 
-# ------------------------------------------------------------------ crop rule (SPEC 4.1)
+# ------------------------------------------------------------------ crop rule (published)
 
 @pytest.mark.parametrize("box,size,expected", [
     # w = h = 100 -> side 130 about centre (150, 170): top-left (85, 105)

@@ -1,4 +1,4 @@
-"""Import published FSFM / FS-VFM checkpoints (SPEC 5.1, 8).
+"""Import published FSFM / FS-VFM checkpoints (docs/interop.md).
 
 Continue pretraining (online + target into a new Orbax workdir):
 
@@ -9,7 +9,7 @@ The target file (``checkpoint-te-N.pth``) is found beside the online one unless 
 it; without one the target starts as a copy of the online network (the published initialisation).
 The optimizer state is fresh (AdamW moments zero); ``--step`` sets where the schedules resume.
 
-Encoder only, to fine-tune at another input size (bicubic position resampling, SPEC 5.3):
+Encoder only, to fine-tune at another input size (bicubic position resampling):
 
     python tools/import_fsfm.py checkpoint-599.pth --encoder-only --img-size 256 --out vit_s_256.npz
 

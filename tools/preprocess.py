@@ -1,4 +1,4 @@
-"""Detect, crop and parse faces into the published pretraining layout (SPEC 4.1, 4.2).
+"""Detect, crop and parse faces into the published pretraining layout (docs/preprocess.md).
 
     python tools/preprocess.py INPUT_DIR --out OUT_DIR [--workers N] [--frames 16]
         [--backend mediapipe|facer] [--all-faces] [--vis] [--scale 1.3]

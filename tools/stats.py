@@ -1,4 +1,4 @@
-"""Compute the dataset mean/std used to normalise inputs (SPEC 4.5).
+"""Compute the dataset mean/std used to normalise inputs (docs/data.md, "Statistics file").
 
     python tools/stats.py ROOT [ROOT ...] [--out FILE_OR_DIR] [--workers N]
                           [--image-size 224] [--skip-bad]

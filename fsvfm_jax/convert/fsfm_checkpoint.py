@@ -1,4 +1,4 @@
-"""Published FSFM / FS-VFM ``.pth`` checkpoints (SPEC 5.1) <-> our online and target trees.
+"""Published FSFM / FS-VFM ``.pth`` checkpoints (layout: docs/interop.md) <-> our online and target trees.
 
 ``checkpoint-N.pth`` holds the online network, ``checkpoint-te-N.pth`` the target; each is a dict
 with ``model`` (the state dict), ``optimizer``, ``epoch``, ``scaler`` and a pickled ``args``. The
@@ -22,7 +22,7 @@ from fsvfm_jax.convert.pth import CheckpointReadError, load_pth, save_pth
 from fsvfm_jax.models.fsfm import SIZES, FSFMConfig, fsfm_config
 from fsvfm_jax.models.vit import sincos_pos_embed_2d
 
-# Names people use for the sizes (SPEC 1.1 ``--model`` names included).
+# Names people use for the sizes (the published ``--model`` names included).
 SIZE_ALIASES = {
     "tiny": "tiny", "t": "tiny",
     "small": "small", "s": "small", "vit-s": "small", "vit_s": "small", "fsfm_vit_small_patch16": "small",
@@ -63,7 +63,7 @@ class EncoderGeometry:
 
 
 def strip_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop a common ``module.`` / ``target_encoder.`` style prefix (SPEC 5.2: FAS strips these)."""
+    """Drop a common ``module.`` / ``target_encoder.`` style prefix (the published FAS loader strips these)."""
     sd = dict(sd)
     for prefix in _STRIP_PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
@@ -173,7 +173,8 @@ def import_fsfm(online_path: str | Path, target_path: str | Path | None = None, 
 
 
 def published_file_names(epoch: int | str) -> tuple[str, str]:
-    """``checkpoint-{epoch}.pth`` (online) and ``checkpoint-te-{epoch}.pth`` (target), SPEC 5.1/9.8."""
+    """``checkpoint-{epoch}.pth`` (online) and ``checkpoint-te-{epoch}.pth`` (target); published
+    runs count epochs from 0 (``checkpoint-599.pth`` after 600)."""
     return f"checkpoint-{epoch}.pth", f"checkpoint-te-{epoch}.pth"
 
 

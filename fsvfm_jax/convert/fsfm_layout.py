@@ -1,4 +1,4 @@
-"""The published FSFM / FS-VFM PyTorch key layout (SPEC 5.1) <-> our parameter trees.
+"""The published FSFM / FS-VFM PyTorch key layout (docs/interop.md) <-> our parameter trees.
 
 Pure numpy, no torch: a state dict here is ``{name: np.ndarray}`` in torch layout (Linear weight
 ``[out, in]``, Conv2d weight ``[O, I, kh, kw]``). Mapping is a rename plus a transpose; every shape

@@ -1,4 +1,4 @@
-"""Resample a ViT position table to another patch grid (SPEC 5.3), as torch does it.
+"""Resample a ViT position table to another patch grid (docs/interop.md), as torch does it.
 
 The published ``util/pos_embed.interpolate_pos_embed`` keeps the prefix (cls) rows, reshapes the
 rest to ``[1, E, G, G]`` (row-major grid), resizes with ``F.interpolate(mode='bicubic',

@@ -1,6 +1,6 @@
 """Read PyTorch ``.pth`` checkpoints without torch, and write them with it.
 
-The published FSFM / FS-VFM checkpoints (SPEC 5.1) are torch zip archives: ``<prefix>/data.pkl``
+The published FSFM / FS-VFM checkpoints (docs/interop.md) are torch zip archives: ``<prefix>/data.pkl``
 is a pickle whose tensors point at raw little-endian storages in ``<prefix>/data/<key>``. Beside the
 ``model`` state dict they hold the optimizer and scaler state and a pickled ``argparse.Namespace``,
 which is why newer torch refuses them under its default ``weights_only=True``.

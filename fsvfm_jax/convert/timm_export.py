@@ -7,14 +7,14 @@ timm state dict of an exported encoder (``num_classes=0``, so no head; ``D`` wid
     norm.{weight, bias}          (pool 'token': the pretrained final LayerNorm)
     fc_norm.{weight, bias}       (pool 'avg': a fresh LayerNorm, weight 1 and bias 0)
 
-These are the two pooling modes of the published downstream ViT (SPEC 5.2): ``avg`` (its default,
+These are the two pooling modes of the published downstream ViT (docs/interop.md): ``avg`` (its default,
 ``--global_pool``) pools the patch tokens of the last block and applies a fresh ``fc_norm``, the
 pretrained ``norm`` being discarded; ``token`` takes the class token after the pretrained ``norm``.
 timm builds exactly these with ``global_pool='avg'`` (``fc_norm`` on, ``norm`` an Identity) or
 ``global_pool='token'``. The position table is the fixed sin-cos table our encoder adds; in timm it
 becomes a learnable parameter, as in the published fine-tuning.
 
-Our ViT-S has 12 heads (MoCo-v3 style, SPEC 1.1) where timm's ``vit_small_patch16_224`` has 6, so
+Our ViT-S has 12 heads (MoCo-v3 style, as published) where timm's ``vit_small_patch16_224`` has 6, so
 the exported arguments always spell out ``num_heads`` (and every other architecture field).
 """
 
@@ -213,10 +213,11 @@ def load_encoder_for_finetune(path_or_state_dict, img_size: int | None = None, *
         {patch_embed/proj/{kernel [p,p,3,D], bias}, cls_token [1,1,D], pos_embed [1,1+L',D],
          blocks_i/..., norm (pool 'token') | fc_norm (pool 'avg', fresh unless the file has one)}
 
-    ``pos_embed`` is a learnable parameter here (SPEC 5.2.7), resampled bicubically from the stored
-    grid to ``img_size // patch`` (SPEC 5.3; ``None`` keeps the stored grid). Decoder, projector and predictor keys are ignored (as
-    the published ``strict=False`` load does) and counted in the log; every encoder key must be
-    present with its exact shape.
+    ``pos_embed`` is a learnable parameter here (as in the published fine-tuning), resampled
+    bicubically from the stored grid to ``img_size // patch`` (docs/interop.md; ``None`` keeps the
+    stored grid). Decoder, projector and predictor keys are ignored (as the published
+    ``strict=False`` load does) and counted in the log; every encoder key must be present with its
+    exact shape.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")

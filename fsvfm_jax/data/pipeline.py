@@ -3,7 +3,7 @@
 Each element is a dict for one step on this host (b = per-host batch, S = image size,
 L = (S / patch_size)**2):
 
-    {'image': uint8 [b, S, S, 3] RGB,     # normalised on device (DESIGN: uint8 to device)
+    {'image': uint8 [b, S, S, 3] RGB,     # uint8 to the device, normalised there
      'img_mask': bool [b, L],             # True = masked, exactly n_masked per row
      'fr_mask': bool [b, L]}              # facial-region patches, subset of img_mask
 

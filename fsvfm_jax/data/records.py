@@ -1,6 +1,6 @@
 """One pretraining record: how it is stored, decoded and validated.
 
-A record is a face image and its LaPa parsing map (SPEC 4.2). Both sources (folder
+A record is a face image and its LaPa parsing map (docs/data.md). Both sources (folder
 and ArrayRecord) hand out the stored bytes undecoded (`RawRecord`), so decoding and
 validation live in one place and an ArrayRecord shard round-trips the published files
 bit for bit.
@@ -56,7 +56,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-NUM_LABELS = 11  # LaPa ids 0..10 (SPEC 3.1)
+NUM_LABELS = 11  # LaPa ids 0..10 (docs/method.md, "LaPa labels")
 _MAGIC = b"FSVFM1\n"
 _MAGIC_RAW = b"FSVFM2\n"
 _RAW_DIMS = struct.Struct("<5I")  # H, W, C, MH, MW

@@ -1,7 +1,7 @@
 """Random-access sources of pretraining records (Grain ``RandomAccessDataSource``s).
 
 Two on-disk forms, same records:
-* `FolderSource`: one or more roots in the published layout (SPEC 4.2),
+* `FolderSource`: one or more roots in the published layout (docs/data.md),
   ``root/images/{name}.png`` paired with ``root/parsing_maps/{name}.npy``; roots are
   concatenated in the order given, names sorted within a root.
 * `ArrayRecordSource`: shards written by tools/to_array_record.py (record formats in

@@ -1,6 +1,6 @@
 """Dataset mean/std for input normalisation and the ``pretrain_ds_mean_std.txt`` file.
 
-Why exact: the published ``get_mean_std`` averages per-batch means (SPEC 4.5), which
+Why exact: the published ``get_mean_std`` averages per-batch means, which
 weights batches equally and depends on the batch size. We count every pixel once:
 per-channel 256-bin histograms of the images *as the model sees them* (decoded, RGB,
 resized to the input size with bicubic, uint8) are summed as integers, and
@@ -10,7 +10,7 @@ resized to the input size with bicubic, uint8) are summed as integers, and
 (population std, i.e. divided by N, over all N pixels of all images) are evaluated from
 exact integer sums, so the result is independent of batching, worker count and order.
 
-File format (SPEC 4.5): one JSON line ``{"mean": [r, g, b], "std": [r, g, b]}`` in the
+File format (docs/data.md, "Statistics file"): one JSON line ``{"mean": [r, g, b], "std": [r, g, b]}`` in the
 [0, 1] RGB scale. The published code appends a line on every launch and readers use
 the first line; `read_mean_std` does the same.
 """
@@ -31,7 +31,7 @@ from fsvfm_jax.data.records import BadRecordError, DataError, decode_record
 log = logging.getLogger(__name__)
 
 MEAN_STD_FILENAME = "pretrain_ds_mean_std.txt"
-# VGGFace2 statistics hard-coded in the published fine-tuning code (SPEC 4.5).
+# VGGFace2 statistics hard-coded in the published fine-tuning code.
 VGGFACE2_MEAN = (0.5482207536697388, 0.42340534925460815, 0.3654651641845703)
 VGGFACE2_STD = (0.2789176106452942, 0.2438540756702423, 0.23493893444538116)
 

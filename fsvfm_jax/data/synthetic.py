@@ -1,8 +1,8 @@
 """Synthetic face-like images with consistent LaPa parsing maps.
 
 Why: tests, benchmarks and the demo need data in the published pretraining layout
-(SPEC 4.2) without shipping real faces. Each face is drawn first as a label map
-(LaPa ids, SPEC 3.1) and the RGB image is then painted from that map, so the two are
+(docs/data.md) without shipping real faces. Each face is drawn first as a label map
+(LaPa ids) and the RGB image is then painted from that map, so the two are
 consistent by construction: every region CRFR-P can pick (brows, eyes, nose, mouth,
 boundary, hair) is present.
 
@@ -21,7 +21,7 @@ import os
 import cv2
 import numpy as np
 
-# LaPa label ids (SPEC 3.1).
+# LaPa label ids (docs/method.md, "LaPa labels").
 BACKGROUND, SKIN, RIGHT_BROW, LEFT_BROW, RIGHT_EYE, LEFT_EYE = 0, 1, 2, 3, 4, 5
 NOSE, UPPER_LIP, INNER_MOUTH, LOWER_LIP, HAIR = 6, 7, 8, 9, 10
 

@@ -1,4 +1,4 @@
-"""FS-VFM pretraining networks: the online network and its EMA target (SPEC 1.2, 1.3).
+"""FS-VFM pretraining networks: the online network and its EMA target (docs/method.md, "Model").
 
 Parameter trees (plain nested dicts, timm names inside each sub-tree)::
 
@@ -32,8 +32,9 @@ MLP_HEAD_LN_EPS = 1e-5  # BYOLMLP uses torch's default LayerNorm eps, unlike the
 
 @dataclasses.dataclass(frozen=True)
 class FSFMConfig:
-    """Architecture of one FS-VFM size (SPEC 1.1). ``rep_decoder_embed_dim`` equals ``embed_dim``
-    for every published size: the pixel decoder consumes encoder-width mask tokens (SPEC 9.4)."""
+    """Architecture of one FS-VFM size (docs/method.md, "Sizes"). ``rep_decoder_embed_dim`` equals ``embed_dim``
+    for every published size: the pixel decoder consumes encoder-width mask tokens
+    (docs/method.md, "Shared mask token")."""
 
     patch_size: int
     embed_dim: int
@@ -48,7 +49,7 @@ class FSFMConfig:
     projection_size: int = 256
     projection_hidden_size: int = 4096
     img_size: int = 224
-    # "zeros" reproduces the published checkpoints (the table is never initialised, SPEC 9.3);
+    # "zeros" reproduces the published checkpoints (the published code never initialises the table);
     # "sincos" gives the rep decoder positional information for mask tokens.
     rep_decoder_pos_embed: str = "zeros"
     dtype: Any = jnp.float32
@@ -156,7 +157,7 @@ class RepDecoder(nn.Module):
 class PixelDecoder(nn.Module):
     """MAE decoder on the encoder latent: ``[B, 1 + K, D]`` -> ``[B, L, p*p*3]``.
 
-    Mask tokens are inserted in encoder space, before ``embed`` (SPEC 9.4)."""
+    Mask tokens are inserted in encoder space, before ``embed`` (docs/method.md, "Shared mask token")."""
 
     cfg: FSFMConfig
 
@@ -231,7 +232,7 @@ class FSFMTarget(nn.Module):
     """EMA target: the full (unmasked) view through encoder, rep decoder and projector.
 
     The published target receives the masked permutation with mask ratio 0, which is numerically
-    the natural order (SPEC 1.3); we feed the natural order directly. ``mask_token`` is held only so
+    the natural order; we feed the natural order directly. ``mask_token`` is held only so
     the target mirrors the online parameters it shares.
     """
 

@@ -24,7 +24,7 @@ DENSE_INIT = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.ini
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
-    """Fixed 2-D sin-cos table ``[1 + G*G, E]`` (MAE layout, SPEC 1.6), float32.
+    """Fixed 2-D sin-cos table ``[1 + G*G, E]`` (MAE layout), float32.
 
     The first ``E/2`` channels encode the patch column, the last ``E/2`` the row (the published
     code builds its meshgrid column-first), each half laid out as ``[sin(x w_k), cos(x w_k)]`` with
@@ -145,7 +145,7 @@ class PatchEmbed(nn.Module):
 
 
 def _xavier_uniform_conv(key, shape, dtype=jnp.float32):
-    """Xavier-uniform on the conv kernel viewed as a ``[p*p*C, D]`` linear map (SPEC 1.6)."""
+    """Xavier-uniform on the conv kernel viewed as a ``[p*p*C, D]`` linear map, as the published init."""
     fan_in = int(np.prod(shape[:-1]))
     fan_out = shape[-1]
     limit = np.sqrt(6.0 / (fan_in + fan_out))

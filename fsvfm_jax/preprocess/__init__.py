@@ -1,4 +1,4 @@
-"""Face preprocessing: detect, crop (SPEC 4.1) and parse into LaPa regions (SPEC 4.2).
+"""Face preprocessing: detect, crop and parse into LaPa regions (docs/preprocess.md).
 
 Modules: assets (install-time model/photo cache), litert (MediaPipe detector, face mesh
 and selfie segmentation on LiteRT), regions (LaPa maps from mesh contours, overlays),

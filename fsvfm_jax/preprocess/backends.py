@@ -3,7 +3,7 @@
 A backend does two things (images are RGB uint8 ``[H, W, 3]``):
 
 * ``detect(image) -> list[Face]``: every face, best first, boxes in image pixels.
-* ``parse(face_img, hint=None) -> [H, W] int8 | None``: the LaPa map (SPEC 3.1) of the
+* ``parse(face_img, hint=None) -> [H, W] int8 | None``: the LaPa map of the
   main face in a face image (the 224x224 crop), or None when no face is found there.
   ``hint`` is the detection already made on the full frame, moved into face-image
   coordinates; backends may use it instead of detecting again.
@@ -13,7 +13,7 @@ Backends:
   run by LiteRT; regions drawn from the mesh (regions.py). Needs ``ai-edge-litert`` and
   the model files from tools/fetch_models.py.
 * ``facer``: FACER's ``retinaface/mobilenet`` detector (threshold 0.3) and
-  ``farl/lapa/448`` parser, the published pipeline (SPEC 4.2), for exact reproduction.
+  ``farl/lapa/448`` parser, the published pipeline, for exact reproduction.
   Needs ``pyfacer`` + torch and FACER's weights in the torch hub cache.
 """
 
@@ -118,7 +118,7 @@ class FacerBackend(FaceBackend):
                     self.detector.threshold = threshold
                 else:
                     warnings.warn(f"this FACER version cannot set the detector threshold to "
-                                  f"{threshold}; its default is used (SPEC 4.2 uses 0.3)")
+                                  f"{threshold}; its default is used (the published pipeline uses 0.3)")
             self.parser = facer.face_parser("farl/lapa/448", device=device)
         except Exception as e:  # weights missing and no network: name them
             raise BackendUnavailable(f"backend 'facer' could not load its weights ({e}); "

@@ -1,4 +1,4 @@
-"""From a folder of images and videos to the published layout (SPEC 4.1, 4.2).
+"""From a folder of images and videos to the published layout (docs/preprocess.md).
 
     out/images/{name}.png            224x224 RGB face crops
     out/parsing_maps/{name}.npy      int8 [1, 224, 224] LaPa labels
@@ -45,7 +45,7 @@ JOURNAL = "preprocess_journal.jsonl"
 
 
 def crop_box(box, width: int, height: int, scale: float = 1.3) -> tuple[int, int, int]:
-    """The published face crop (SPEC 4.1; FF++ ``get_boundingbox``): (x, y, side).
+    """The published face crop (FF++ ``get_boundingbox``): (x, y, side).
 
     box: (x1, y1, x2, y2) pixels, rounded to integers like dlib's rectangle. side =
     int(max(w, h) * scale) about the box centre ((x1+x2)//2, (y1+y2)//2); the top-left
@@ -186,7 +186,7 @@ def read_image(path) -> np.ndarray:
 
 
 def sample_indices(total: int, num: int) -> list[int]:
-    """``linspace(0, total-1, num)`` as ints (SPEC 4.1), duplicates removed."""
+    """``linspace(0, total-1, num)`` as ints (the published frame sampling), duplicates removed."""
     if total <= 0:
         return []
     return sorted(set(np.linspace(0, total - 1, num, dtype=int).tolist()))

@@ -1,9 +1,9 @@
-"""LaPa parsing maps (SPEC 3.1) drawn from face-mesh contours, hair from segmentation.
+"""LaPa parsing maps drawn from face-mesh contours, hair from segmentation.
 
 Labels: 0 background, 1 skin, 2 right brow, 3 left brow, 4 right eye, 5 left eye,
 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10 hair. "Right" is the subject's
 right (on the image's left for a frontal face), as in LaPa and MediaPipe. CRFR-P merges
-left and right (groups {2,3} and {4,5}, SPEC 3.2), so masking does not depend on it.
+left and right (groups {2,3} and {4,5}), so masking does not depend on it.
 
 The contour index lists are MediaPipe's face-mesh topology (Apache-2.0, from its
 ``face_mesh_connections``), written out here as ordered polygons.

@@ -5,9 +5,9 @@ nothing random or stateful lives outside it and a restored state continues exact
 as uint8 and are normalised here, on the device.
 
 Gradient accumulation runs inside the step (``lax.scan`` over micro-batches), so one call is one
-optimizer step. The EMA target moves once per optimizer step (``ema_cadence="step"``, DESIGN.md),
+optimizer step. The EMA target moves once per optimizer step (``ema_cadence="step"``, docs/method.md "EMA target"),
 after every micro-batch as the published engine does (``"micro"``), or never (``"frozen"``, what
-the published multi-GPU launch effectively trained with, SPEC 9.1).
+what the published multi-GPU launch effectively trained with).
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
     ``momentum_fn`` is indexed by optimizer step for ``"step"`` cadence and by micro-iteration
     (``step * accum_steps + j``) for ``"micro"``. A non-finite loss leaves the state untouched
-    except the step count, and reports ``nonfinite = 1`` so the loop can stop (SPEC 1.4 guard).
+    except the step count, and reports ``nonfinite = 1`` so the loop can stop (the published code
+    exits on a non-finite loss).
     """
     if ema_cadence not in EMA_CADENCES:
         raise ValueError(f"ema_cadence must be one of {EMA_CADENCES}, got {ema_cadence!r}")
