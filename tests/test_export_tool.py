@@ -146,3 +146,71 @@ def test_reads_a_checkpoint_saved_sharded_on_another_mesh(tmp_path):
     flat = fsfm_layout.flatten(state.params)
     assert state.size == "tiny" and set(flat) == set(ref.files)
     assert all(isinstance(flat[k], np.ndarray) and np.array_equal(flat[k], ref[k]) for k in ref.files)
+
+
+def _published_downstream_vit(cfg, img_size, global_pool):
+    """The published downstream classifier (``models_vit.VisionTransformer``, SPEC 5.2) built from
+    timm: the size's architecture, LayerNorm eps 1e-6, ``num_classes=2``; global pool gives a fresh
+    ``fc_norm`` and no final ``norm``, cls-token pooling keeps ``norm``. timm's own key names."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                             num_heads=cfg.num_heads, mlp_ratio=4, qkv_bias=True,
+                             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=2,
+                             global_pool="avg" if global_pool else "token")
+
+
+def _interpolate_pos_embed(model, checkpoint_model):
+    """The published ``interpolate_pos_embed``: keep the cls row, bicubic-resize the grid rows
+    (align_corners=False) when the model's grid differs from the checkpoint's."""
+    table = checkpoint_model["pos_embed"]
+    extra = model.pos_embed.shape[-2] - model.patch_embed.num_patches
+    old, new = int((table.shape[-2] - extra) ** 0.5), int(model.patch_embed.num_patches ** 0.5)
+    if old != new:
+        grid = table[:, extra:].reshape(-1, old, old, table.shape[-1]).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+        checkpoint_model["pos_embed"] = torch.cat([table[:, :extra], grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("global_pool, img_size", [(True, 224), (False, 224), (True, 256)])
+def test_fsfm_export_loads_as_the_published_finetune_script_loads_it(workdir, tmp_path, global_pool, img_size):
+    """``--to fsfm`` -> the published fine-tune load: ``torch.load`` (default ``weights_only``) of the
+    online file, ``checkpoint['model']``, drop a mismatched head, interpolate the position table,
+    ``load_state_dict(strict=False)`` with exactly the missing keys the published script asserts;
+    the features then equal ours (and, at another input size, our loader's resampled table)."""
+    from fsvfm_jax.convert.timm_export import load_encoder_for_finetune
+
+    root, cfg, online, _ = workdir
+    out = tmp_path / "fsfm"
+    assert _export_main([str(root), "--to", "fsfm", "--out", str(out), "--epoch", "599"]) == 0
+    checkpoint = torch.load(out / "checkpoint-599.pth", map_location="cpu")
+    checkpoint_model = checkpoint["model"]
+    model = _published_downstream_vit(cfg, img_size, global_pool)
+    state_dict = model.state_dict()
+    for k in ("head.weight", "head.bias"):
+        if k in checkpoint_model and checkpoint_model[k].shape != state_dict[k].shape:
+            del checkpoint_model[k]
+    _interpolate_pos_embed(model, checkpoint_model)
+    msg = model.load_state_dict(checkpoint_model, strict=False)
+    expected_missing = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if global_pool else set())
+    assert set(msg.missing_keys) == expected_missing
+    unexpected = set(msg.unexpected_keys)
+    assert "mask_token" in unexpected and any(k.startswith("decoder_") for k in unexpected)
+    assert ("norm.weight" in unexpected) is global_pool  # the published global-pool ViT deletes its norm
+    assert not any(k.startswith(("blocks.", "patch_embed.")) for k in unexpected)
+    torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    model.eval()
+
+    images = np.random.default_rng(2).standard_normal((2, img_size, img_size, 3)).astype(np.float32)
+    with torch.no_grad():
+        tokens = model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+        theirs = model.forward_head(tokens, pre_logits=True).numpy()
+    pool = "avg" if global_pool else "token"
+    if img_size == cfg.img_size:
+        ours = np.asarray(pooled_features(online["encoder"], images, cfg, pool))
+        assert np.abs(ours - theirs).max() <= 1e-4
+    else:  # our fine-tune loader resamples the table as the published loader does
+        mine = load_encoder_for_finetune(out / "checkpoint-599.pth", img_size, pool=pool)
+        np.testing.assert_allclose(mine["pos_embed"], model.pos_embed.detach().numpy(), rtol=0, atol=1e-6)
