@@ -149,7 +149,7 @@ def test_reads_a_checkpoint_saved_sharded_on_another_mesh(tmp_path):
 
 
 def _published_downstream_vit(cfg, img_size, global_pool):
-    """The published downstream classifier (``models_vit.VisionTransformer``, SPEC 5.2) built from
+    """The published downstream classifier (docs/interop.md "Fine-tuning elsewhere") built from
     timm: the size's architecture, LayerNorm eps 1e-6, ``num_classes=2``; global pool gives a fresh
     ``fc_norm`` and no final ``norm``, cls-token pooling keeps ``norm``. timm's own key names."""
     from functools import partial
