@@ -83,3 +83,39 @@ def pretrain_loss(pred, target_patches, p, z, img_mask, fr_mask, *, norm_pix: bo
     cl = self_distillation_loss(p.astype(jnp.float32), z.astype(jnp.float32), cl_loss, temperature, positives_only)
     total = rec_all + weight_fr * rec_fr + weight_cl * cl
     return total, dict(loss=total, loss_rec_all=rec_all, loss_rec_fr=rec_fr, loss_cl=cl)
+
+
+# --- downstream (fine-tuning) ------------------------------------------------------------------
+
+NO_REAL_CONSTANT = 1e-6  # the published loss returns this constant (no gradient) without a real sample
+
+
+def soft_target_cross_entropy(logits, targets):
+    """``mean_n sum_c -t_nc log softmax(logits)_nc`` (timm ``SoftTargetCrossEntropy``); ``targets``
+    are probabilities (mixed and smoothed one-hots) ``[B, C]``."""
+    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1))
+
+
+def real_anchor_contrastive_loss(z, labels, *, real_label: int = 1, temperature: float = 0.07,
+                                 base_temperature: float = 0.07):
+    """FS-Adapter's real-anchor contrastive loss (docs/downstream.md, *FS-Adapter*), as published.
+
+    ``z [B, d]`` L2-normalised projections, ``labels [B]`` hard labels. Real pairs (i != j, both
+    real) are positives; every other sample (real or fake) is in each anchor's denominator;
+    fake-fake pairs are neither pulled nor pushed. Logits ``z z^T / tau`` are shifted by their row
+    max (self included), ``log p_ij = s_ij - log(sum_{k != i} exp s_ik + 1e-6)``, an anchor's loss is
+    ``-(tau / tau_b) * mean of log p over its positives`` (0 without positives), and the result is
+    the mean over **all** B anchors. Without any real sample it is the constant 1e-6 (no gradient).
+    """
+    z = z.astype(jnp.float32)
+    b = z.shape[0]
+    real = labels.reshape(-1) == real_label
+    logits = z @ z.T / temperature
+    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
+    not_self = 1.0 - jnp.eye(b, dtype=jnp.float32)
+    positives = (real[:, None] & real[None, :]).astype(jnp.float32) * not_self
+    log_prob = logits - jnp.log(jnp.sum(jnp.exp(logits) * not_self, axis=1, keepdims=True) + 1e-6)
+    n_pos = positives.sum(1)
+    mean_log_prob_pos = (positives * log_prob).sum(1) / jnp.where(n_pos < 1e-6, 1.0, n_pos)
+    loss = -(temperature / base_temperature) * jnp.mean(mean_log_prob_pos)
+    return jnp.where(jnp.any(real), loss, NO_REAL_CONSTANT)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -105,18 +106,32 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+
+    ``drop_path`` (fine-tuning) drops each residual branch per sample with that probability and
+    scales the kept ones by ``1 / (1 - p)`` (timm's stochastic depth); it draws from the
+    ``"dropout"`` RNG stream unless ``deterministic``.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    drop_path: float = 0.0
+    deterministic: bool = True
+
+    def _drop_path(self, branch: jnp.ndarray) -> jnp.ndarray:
+        if self.deterministic or self.drop_path == 0.0:
+            return branch
+        keep = 1.0 - self.drop_path
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+        return branch * (mask.astype(branch.dtype) / jnp.asarray(keep, branch.dtype))
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         d = x.shape[-1]
         ln = lambda name: nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=self.dtype, name=name)
-        x = x + Attention(self.num_heads, dtype=self.dtype, name="attn")(ln("norm1")(x))
-        x = x + Mlp(int(d * self.mlp_ratio), dtype=self.dtype, name="mlp")(ln("norm2")(x))
+        x = x + self._drop_path(Attention(self.num_heads, dtype=self.dtype, name="attn")(ln("norm1")(x)))
+        x = x + self._drop_path(Mlp(int(d * self.mlp_ratio), dtype=self.dtype, name="mlp")(ln("norm2")(x)))
         return x
 
 
@@ -165,14 +180,19 @@ def _torch_default_conv_bias(fan_in: int):
 
 
 
-def transformer_blocks(x, *, depth, num_heads, mlp_ratio, dtype, remat, prefix):
+def transformer_blocks(x, *, depth, num_heads, mlp_ratio, dtype, remat, prefix, drop_path: float = 0.0,
+                       deterministic: bool = True):
     """Apply ``depth`` blocks named ``{prefix}_{i}`` (timm's ``blocks.{i}``) inside a compact module.
 
     ``remat`` recomputes block activations in the backward pass: memory for large batches.
+    ``drop_path`` is spread linearly over the blocks, 0 for the first to ``drop_path`` for the
+    last (timm's ``linspace(0, rate, depth)``).
     """
     block_cls = nn.remat(Block) if remat else Block
+    rates = np.linspace(0.0, drop_path, depth)
     for i in range(depth):
-        x = block_cls(num_heads, mlp_ratio, dtype=dtype, name=f"{prefix}_{i}")(x)
+        x = block_cls(num_heads, mlp_ratio, dtype=dtype, drop_path=float(rates[i]), deterministic=deterministic,
+                      name=f"{prefix}_{i}")(x)
     return x
 
 
