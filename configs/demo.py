@@ -13,4 +13,5 @@ def get_config():
     c.base_lr = 1.5e-3
     c.log_every_steps = 10
     c.checkpoint_every_steps = 50
+    c.image_every_steps = 50
     return c

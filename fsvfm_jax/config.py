@@ -66,6 +66,12 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
     c.mesh.fsdp_min_size = 2**16
 
     c.log_every_steps = 50
+    # Observability (docs/observability.md): TensorBoard pictures of masks and reconstructions every
+    # N steps (0: never); a jax.profiler trace of steps (a, b) into the workdir; a persistent
+    # compilation cache directory ("": JAX's own setting).
+    c.image_every_steps = 1000
+    c.profile_steps = ()
+    c.compilation_cache_dir = ""
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     return c

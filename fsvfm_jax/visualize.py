@@ -1,6 +1,6 @@
 """Pictures of masks and reconstructions (numpy + cv2; ``tools/visualize.py`` is the entry point).
 
-Two figures, both plain RGB uint8 arrays laid out on a `Grid` (a header strip of column names,
+Three figures, all plain RGB uint8 arrays laid out on a `Grid` (a header strip of column names,
 then one row per face, every tile followed by a one-line caption, then a legend):
 
 * `mask_grid`: per face, the image, its LaPa parsing map, and one tile per masking strategy
@@ -10,6 +10,8 @@ then one row per face, every tile followed by a one-line caption, then a legend)
 * `reconstruction_grid`: per face, the image, the masked input the encoder saw, the pixel
   decoder's prediction (norm-pix targets un-normalised with each original patch's own mean and
   variance, as MAE's visualisations do), and the prediction with the visible patches pasted back.
+* `batch_grid` (via `make_preview`, for TensorBoard during training): a training batch's faces,
+  their masks, reconstructions and reconstructions with the visible patches pasted back.
 
 The covered region of CRFR-P and CRFR-R is drawn here (``rng.integers(0, 6)``, once per figure
 or once per face) and passed to ``make_masks`` as ``region=``, so every tile can name it.
@@ -257,6 +259,42 @@ def to_uint8(normalised: np.ndarray, mean: Sequence[float], std: Sequence[float]
     return np.round(x * 255.0).clip(0, 255).astype(np.uint8)
 
 
+def predict_patches(params, cfg, images, img_mask, mean, std, *, mask_ratio: float):
+    """The pixel decoder's output ``[B, L, p*p*3]`` for uint8 ``images [B, S, S, 3]`` and ``img_mask
+    [B, L]`` (jittable: the device half of `reconstruct`)."""
+    import jax.numpy as jnp
+
+    from fsvfm_jax.models.fsfm import FSFMOnline
+    from fsvfm_jax.train.step import normalize_images
+
+    x = normalize_images(jnp.asarray(images), mean, std)
+    return FSFMOnline(cfg).apply({"params": params}, x, jnp.asarray(img_mask), cfg.n_keep(mask_ratio))["pred"]
+
+
+def reconstruction_pictures(images: np.ndarray, img_mask: np.ndarray, pred: np.ndarray, mean, std, *,
+                            patch_size: int, norm_pix: bool = True) -> dict:
+    """The host half of `reconstruct`: pictures and per-face losses from ``pred`` (`predict_patches`)."""
+    import jax.numpy as jnp
+
+    from fsvfm_jax.losses import norm_pix_target
+    from fsvfm_jax.models.vit import patchify, unpatchify
+    from fsvfm_jax.train.step import normalize_images
+
+    p = patch_size
+    img_mask = np.asarray(img_mask, bool)
+    pred = np.asarray(pred, np.float64)
+    target = np.asarray(patchify(normalize_images(jnp.asarray(images), mean, std), p), np.float64)
+    model_target = np.asarray(norm_pix_target(jnp.asarray(target, jnp.float32)), np.float64) if norm_pix else target
+    per_patch = ((pred - model_target) ** 2).mean(axis=-1)
+    loss = (per_patch * img_mask).sum(axis=1) / np.maximum(img_mask.sum(axis=1), 1)
+    recon_norm = np.asarray(unpatchify(unnormalize_pred(pred, target, norm_pix), p))
+    recon = to_uint8(recon_norm, mean, std)
+    visible = ~patch_mask_to_pixels(img_mask, p)[..., None]
+    pasted = np.where(visible, images, recon)
+    masked = np.stack([render_masked(im, m, None, p) for im, m in zip(images, img_mask)])
+    return dict(masked=masked, recon=recon, pasted=pasted, loss=loss)
+
+
 def reconstruct(params, cfg, images: np.ndarray, img_mask: np.ndarray, mean, std, *, mask_ratio: float,
                 norm_pix: bool = True) -> dict:
     """Run ``FSFMOnline`` on uint8 ``images [B, S, S, 3]`` with ``img_mask [B, L]``.
@@ -266,27 +304,8 @@ def reconstruct(params, cfg, images: np.ndarray, img_mask: np.ndarray, mean, std
     patches predicted), and ``loss [B]``, each face's reconstruction loss over its masked patches
     (in the space the model is trained in).
     """
-    import jax.numpy as jnp
-
-    from fsvfm_jax.losses import norm_pix_target
-    from fsvfm_jax.models.fsfm import FSFMOnline
-    from fsvfm_jax.models.vit import patchify, unpatchify
-    from fsvfm_jax.train.step import normalize_images
-
-    p = cfg.patch_size
-    x = normalize_images(jnp.asarray(images), mean, std)
-    out = FSFMOnline(cfg).apply({"params": params}, x, jnp.asarray(img_mask), cfg.n_keep(mask_ratio))
-    pred = np.asarray(out["pred"], np.float64)
-    target = np.asarray(patchify(x, p), np.float64)
-    model_target = np.asarray(norm_pix_target(jnp.asarray(target, jnp.float32)), np.float64) if norm_pix else target
-    per_patch = ((pred - model_target) ** 2).mean(axis=-1)
-    loss = (per_patch * img_mask).sum(axis=1) / np.maximum(img_mask.sum(axis=1), 1)
-    recon_norm = np.asarray(unpatchify(unnormalize_pred(pred, target, norm_pix), p))
-    recon = to_uint8(recon_norm, mean, std)
-    visible = ~patch_mask_to_pixels(np.asarray(img_mask, bool), p)[..., None]
-    pasted = np.where(visible, images, recon)
-    masked = np.stack([render_masked(im, m, None, p) for im, m in zip(images, img_mask)])
-    return dict(masked=masked, recon=recon, pasted=pasted, loss=loss)
+    pred = predict_patches(params, cfg, images, img_mask, mean, std, mask_ratio=mask_ratio)
+    return reconstruction_pictures(images, img_mask, pred, mean, std, patch_size=cfg.patch_size, norm_pix=norm_pix)
 
 
 def reconstruction_grid(images: np.ndarray, results: dict, regions: np.ndarray, strategy: str, *,
@@ -300,6 +319,43 @@ def reconstruction_grid(images: np.ndarray, results: dict, regions: np.ndarray, 
                  f"masked-patch loss {results['loss'][i]:.3f}", "visible: input pixels"] for i in range(n)]
     grid = Grid(rows=n, columns=columns, tile=tile or images.shape[1])
     return _compose(grid, tiles, captions, with_legend=False), grid
+
+
+def batch_grid(images: np.ndarray, img_mask: np.ndarray, fr_mask: np.ndarray, results: dict, *,
+               patch_size: int, tile: int | None = None) -> np.ndarray:
+    """A training batch's faces: input, its masks (facial-region patches tinted), reconstruction,
+    and reconstruction with the visible patches pasted back; uint8 ``[H, W, 3]``."""
+    n = len(images)
+    columns = ("input", "masks (fr tinted)", "reconstruction", "+ visible patches")
+    tiles = [[images[i], render_masked(images[i], img_mask[i], fr_mask[i], patch_size), results["recon"][i],
+              results["pasted"][i]] for i in range(n)]
+    captions = [["", f"masked {int(img_mask[i].sum())}, fr {int(fr_mask[i].sum())}",
+                 f"masked-patch loss {results['loss'][i]:.3f}", ""] for i in range(n)]
+    return _compose(Grid(rows=n, columns=columns, tile=tile or images.shape[1]), tiles, captions, with_legend=False)
+
+
+def make_preview(cfg, mean, std, *, mask_ratio: float, norm_pix: bool = True, n: int = 4, out_sharding=None,
+                 tile: int | None = 128):
+    """``preview(params, batch) -> uint8 [H, W, 3]``: `batch_grid` of a training batch's first ``n``
+    faces. The forward runs jitted on the devices that hold ``params`` and ``batch``, and its
+    outputs come back ``out_sharding`` (replicated, on a mesh), so every process of a multi-host run
+    takes part and any can read the result."""
+    import jax
+
+    def first_rows(params, batch):
+        rows = {k: batch[k][:n] for k in ("image", "img_mask", "fr_mask")}
+        return rows, predict_patches(params, cfg, rows["image"], rows["img_mask"], mean, std, mask_ratio=mask_ratio)
+
+    first_rows = jax.jit(first_rows, **({"out_shardings": out_sharding} if out_sharding else {}))
+
+    def preview(params, batch) -> np.ndarray:
+        rows, pred = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), first_rows(params, batch))
+        results = reconstruction_pictures(rows["image"], rows["img_mask"], pred, mean, std,
+                                          patch_size=cfg.patch_size, norm_pix=norm_pix)
+        return batch_grid(rows["image"], rows["img_mask"], rows["fr_mask"], results, patch_size=cfg.patch_size,
+                          tile=min(tile, cfg.img_size) if tile else None)
+
+    return preview
 
 
 def write_png(path: str | os.PathLike, canvas: np.ndarray) -> str:

@@ -2,8 +2,8 @@
 optimizer -> sharded init -> compiled step -> checkpoint/resume -> loop.
 
 ``WORKDIR`` receives ``config.json``, ``pretrain_ds_mean_std.txt`` (the normalisation the run used,
-which travels with exports), ``metrics.jsonl`` (one JSON object per logged step), ``train.log`` and
-``checkpoints/``.
+which travels with exports), ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard
+event files beside it (``docs/observability.md``), ``train.log`` and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fsvfm_jax import checkpoint, sharding
+from fsvfm_jax import checkpoint, observe, sharding
 from fsvfm_jax.data import stats
 from fsvfm_jax.data.pipeline import make_pretrain_dataset
+from fsvfm_jax.metric_writer import MetricWriter
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
 from fsvfm_jax.optim import absolute_lr, lr_schedule, make_optimizer, momentum_schedule
 from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
+from fsvfm_jax.visualize import make_preview
 
 log = logging.getLogger("fsvfm_jax.pretrain")
 
@@ -91,6 +93,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     _setup_workdir(workdir, config, resume)
     if config.model.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", config.model.matmul_precision)
+    if config.compilation_cache_dir:
+        observe.enable_compilation_cache(config.compilation_cache_dir)
 
     # --- mesh ------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -146,6 +150,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     if memory is not None:
         log.info("compiled the train step in %.1f s; per device: arguments %.1f MiB, temporaries %.1f MiB",
                  time.perf_counter() - t, memory.argument_size_in_bytes / 2**20, memory.temp_size_in_bytes / 2**20)
+    flops = observe.compiled_flops(train_step)
+    if config.accum_steps > 1:  # XLA counts the scan over micro-batches once: count one micro-step instead
+        micro_batch = {k: jax.ShapeDtypeStruct((gb // config.accum_steps, *v.shape[1:]), v.dtype)
+                       for k, v in abstract_batch.items()}
+        micro_step = make_train_step(loss_fn, optimizer, lr_fn=lr_fn, momentum_fn=momentum_fn, ema_cadence=config.ema.cadence)
+        flops = config.accum_steps * observe.lowered_flops(jax.jit(micro_step).lower(abstract_state, micro_batch)) / mesh.size
+    peak = observe.peak_flops(jax.devices()[0].device_kind, config.model.dtype, config.model.matmul_precision)
+    log.info("train step: %s GFLOP per device (XLA cost analysis); peak %s TFLOP/s per %s",
+             f"{flops / 1e9:.4g}" if flops else "unknown", f"{peak / 1e12:.4g}" if peak else "unknown",
+             jax.devices()[0].device_kind)
 
     # --- checkpoint / resume -------------------------------------------------------------------
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
@@ -159,42 +173,52 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
         start_step = 0
 
-    # --- loop ----------------------------------------------------------------------------------
+    # --- loop (what is logged: docs/observability.md) ------------------------------------------
     n_masked = data.num_patches - mcfg.n_keep(config.data.mask_ratio)
-    metrics_file = (workdir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
-    last, t0, seen = {}, time.perf_counter(), 0
+    writer = MetricWriter(workdir)
     last_step = min(total_steps, config.stop_at_step or total_steps)
+    clock = observe.StepClock(total_steps=total_steps, images_per_step=config.global_batch_size)
+    profile = observe.ProfileWindow(config.profile_steps, workdir)
+    preview = make_preview(mcfg, mean, std, mask_ratio=config.data.mask_ratio, norm_pix=config.loss.norm_pix,
+                           out_sharding=sharding.replicated(mesh))
+    last = {}
     if start_step >= last_step:
         log.info("nothing to do: the run is at step %d of %d", start_step, last_step)
     try:
         for step in range(start_step + 1, last_step + 1):
-            local = next(iterator)
-            bad = np.flatnonzero(local["img_mask"].sum(1) != n_masked)
-            if bad.size:
-                raise ValueError(f"step {step}: masks of batch rows {bad[:5].tolist()} do not mask exactly {n_masked} patches")
-            state, metrics = train_step(state, sharding.global_batch(local, mesh))
-            seen += config.global_batch_size
+            with clock.data():
+                local = next(iterator)
+                bad = np.flatnonzero(local["img_mask"].sum(1) != n_masked)
+                if bad.size:
+                    raise ValueError(f"step {step}: masks of batch rows {bad[:5].tolist()} do not mask exactly {n_masked} patches")
+                batch = sharding.global_batch(local, mesh)
+            profile.before(step)
+            state, metrics = train_step(state, batch)
+            profile.after(step, metrics)
+            clock.tick()
             if step % config.log_every_steps == 0 or step in (start_step + 1, last_step):
                 metrics = jax.device_get(metrics)
-                elapsed = time.perf_counter() - t0
-                last = {"step": step, "epoch": step / steps_per_epoch,
-                        **{k: float(v) for k, v in metrics.items()},
-                        "images_per_s": seen / elapsed, "skipped_records": iterator.num_skipped}
-                if metrics_file:
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
-                log.info("step %d/%d  loss %.4f (rec %.4f fr %.4f cl %.4f)  lr %.3g  m %.5f  %.1f img/s",
-                         step, total_steps, last["loss"], last["loss_rec_all"], last["loss_rec_fr"],
-                         last["loss_cl"], last["lr"], last["momentum"], last["images_per_s"])
+                timing = clock.lap(step)
+                last = {"step": step, "epoch": step / steps_per_epoch, **{k: float(v) for k, v in metrics.items()},
+                        **timing, **observe.utilization(flops, timing["step_time_s"], peak),
+                        **observe.memory_usage(), "skipped_records": iterator.num_skipped}
+                writer.write_scalars(step, last)
+                log.info("step %d/%d  loss %.4f (rec %.4f fr %.4f cl %.4f)  lr %.3g  m %.5f  %.1f img/s  "
+                         "data wait %.0f%%  ETA %s", step, total_steps, last["loss"], last["loss_rec_all"],
+                         last["loss_rec_fr"], last["loss_cl"], last["lr"], last["momentum"], last["images_per_s"],
+                         100 * last["data_wait_fraction"], observe.format_duration(last["eta_s"]))
                 if metrics["nonfinite"] or not math.isfinite(last["loss"]):
                     raise NonFiniteLossError(f"non-finite loss at step {step}; the update was skipped and "
                                              f"training stops (last checkpoint: {manager.latest_step()})")
-                t0, seen = time.perf_counter(), 0
+            if config.image_every_steps and step % config.image_every_steps == 0:
+                with clock.paused():
+                    writer.write_images(step, {"train/masks_and_reconstructions": preview(state["params"], batch)})
             if step % config.checkpoint_every_steps == 0 or step == last_step:
-                checkpoint.save(manager, step, state, iterator)
+                with clock.paused():
+                    checkpoint.save(manager, step, state, iterator)
                 log.info("saved checkpoint %d", step)
     finally:
-        if metrics_file:
-            metrics_file.close()
+        profile.stop()
+        writer.close()
         manager.close()
     return last

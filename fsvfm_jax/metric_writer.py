@@ -1,0 +1,103 @@
+"""One writer for a run's metrics: JSON lines and TensorBoard event files, side by side.
+
+Each logged step is one dict. It becomes one line of ``WORKDIR/metrics.jsonl`` (machine-readable,
+``None`` as ``null``) and TensorBoard scalars in event files in ``WORKDIR`` itself, grouped by tag
+prefix (``train/``, ``perf/``, ``memory/``); pictures (uint8 RGB arrays) become TensorBoard
+images. Only process 0 writes, so a multi-host run has one copy. ``tensorboard --logdir runs/``
+shows every workdir under ``runs/`` as one run (``docs/observability.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import cv2
+import jax
+import numpy as np
+from tensorboardX import FileWriter
+from tensorboardX.proto.summary_pb2 import Summary
+
+METRICS_FILENAME = "metrics.jsonl"
+_PERF_KEYS = ("step_time_s", "data_wait_s", "data_wait_fraction", "images_per_s", "eta_s",
+              "tflops_per_s_per_device", "mfu")
+_NOT_SCALARS = ("step",)
+
+
+def tensorboard_tag(key: str) -> str:
+    """``memory/...`` for memory, ``perf/...`` for speed, ``train/...`` for everything else."""
+    if "memory" in key or "rss" in key:
+        return f"memory/{key}"
+    if key in _PERF_KEYS:
+        return f"perf/{key}"
+    return f"train/{key}"
+
+
+class MetricWriter:
+    """``write_scalars(step, row)`` and ``write_images(step, images)``; a no-op outside process 0
+    (or with ``enabled=False``). Use as a context manager, or call ``close()``."""
+
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
+        self.workdir = Path(workdir)
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = self._tb = None
+        if self.enabled:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = (self.workdir / METRICS_FILENAME).open("a")
+            self._tb = FileWriter(str(self.workdir), flush_secs=30)
+
+    def write_scalars(self, step: int, row: dict) -> None:
+        """One JSON line (``step`` first) and one TensorBoard scalar per finite number in ``row``."""
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in row.items() if k != "step"}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        values = [Summary.Value(tag=tensorboard_tag(key), simple_value=value) for key, value in row.items()
+                  if key not in _NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value)]
+        self._tb.add_summary(Summary(value=values), int(step))
+
+    def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        """TensorBoard images from uint8 RGB ``[H, W, 3]`` arrays, PNG-encoded (no PIL needed)."""
+        if not self.enabled:
+            return
+        values = []
+        for tag, image in images.items():
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"image {tag!r}: expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
+            ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise ValueError(f"image {tag!r}: PNG encoding failed")
+            h, w, c = image.shape
+            values.append(Summary.Value(tag=tag, image=Summary.Image(
+                height=h, width=w, colorspace=c, encoded_image_string=png.tobytes())))
+        self._tb.add_summary(Summary(value=values), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _plain(value):
+    """numpy and jax scalars -> Python numbers (JSON-serialisable); None stays None."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    value = np.asarray(value)
+    if value.ndim:
+        raise ValueError(f"metrics must be scalars, got an array of shape {value.shape}")
+    return value.item()
