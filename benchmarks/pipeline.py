@@ -55,10 +55,9 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "tools"))
 import crfrp_reference as ref  # noqa: E402
-from to_array_record import convert  # noqa: E402
 
+from fsvfm_jax.cli.to_array_record import convert  # noqa: E402
 from fsvfm_jax.data import pipeline  # noqa: E402
 from fsvfm_jax.data.synthetic import write_synthetic_dataset  # noqa: E402
 

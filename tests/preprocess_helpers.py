@@ -18,7 +18,7 @@ def require_models():
     except ImportError:
         miss.append("ai-edge-litert (pip)")
     if miss:
-        msg = f"missing {miss}; run `python tools/fetch_models.py`"
+        msg = f"missing {miss}; run `fsvfm-fetch-models`"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)

@@ -7,15 +7,14 @@ published ``.pth`` files -> our importer gives back the checkpoint's trees bit f
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from fsvfm_jax import checkpoint
+from fsvfm_jax.cli.export import main as export_main
 from fsvfm_jax.config import pretrain_config
 from fsvfm_jax.convert import fsfm_layout
 from fsvfm_jax.convert.fsfm_checkpoint import import_fsfm
@@ -29,15 +28,7 @@ torch = pytest.importorskip("torch", reason="timm parity needs the [torch] extra
 timm = pytest.importorskip("timm", reason="timm parity needs the [torch] extra (pip install -e .[torch])")
 from safetensors.torch import load_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 MEAN_STD_LINE = '{"mean": [0.55, 0.42, 0.36], "std": [0.28, 0.24, 0.23]}\n'
-
-
-def _export_main(argv):
-    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def workdir(tmp_path_factory):
 def test_export_to_timm_from_an_orbax_workdir(workdir, tmp_path, record_property):
     root, cfg, online, _ = workdir
     out = tmp_path / "timm"
-    assert _export_main([str(root), "--to", "timm", "--out", str(out)]) == 0
+    assert export_main([str(root), "--to", "timm", "--out", str(out)]) == 0
     manifest = json.loads((out / "timm_export.json").read_text())
     assert manifest["step"] == 30
     assert read_mean_std(out / "pretrain_ds_mean_std.txt") == ((0.55, 0.42, 0.36), (0.28, 0.24, 0.23))
@@ -84,7 +75,7 @@ def test_export_to_timm_from_an_orbax_workdir(workdir, tmp_path, record_property
 def test_export_to_fsfm_round_trips_bit_exact(workdir, tmp_path):
     root, cfg, online, target = workdir
     out = tmp_path / "fsfm"
-    assert _export_main([str(root / "checkpoints"), "--to", "fsfm", "--out", str(out), "--epoch", "599"]) == 0
+    assert export_main([str(root / "checkpoints"), "--to", "fsfm", "--out", str(out), "--epoch", "599"]) == 0
     back = import_fsfm(out / "checkpoint-599.pth", out / "checkpoint-te-599.pth")
     assert back.epoch == 599 and back.size == "tiny"
     for mine, theirs in ((online, back.online), (target, back.target)):
@@ -95,14 +86,14 @@ def test_export_to_fsfm_round_trips_bit_exact(workdir, tmp_path):
 
 def test_export_errors_are_clear(workdir, tmp_path, capsys):
     root, *_ = workdir
-    assert _export_main([str(tmp_path / "nowhere"), "--to", "timm", "--out", str(tmp_path / "o")]) == 1
+    assert export_main([str(tmp_path / "nowhere"), "--to", "timm", "--out", str(tmp_path / "o")]) == 1
     assert "nowhere" in capsys.readouterr().err
-    assert _export_main([str(root), "--to", "timm", "--out", str(tmp_path / "o"), "--step", "7"]) == 1
+    assert export_main([str(root), "--to", "timm", "--out", str(tmp_path / "o"), "--step", "7"]) == 1
     assert "no checkpoint for step 7" in capsys.readouterr().err
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "checkpoints").symlink_to(root / "checkpoints")
-    assert _export_main([str(bare), "--to", "timm", "--out", str(tmp_path / "o")]) == 1
+    assert export_main([str(bare), "--to", "timm", "--out", str(tmp_path / "o")]) == 1
     assert "--mean-std" in capsys.readouterr().err
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fsvfm_jax.cli import import_fsfm as import_tool
 from fsvfm_jax.convert import fsfm_layout
 from fsvfm_jax.convert.fsfm_checkpoint import export_fsfm, import_fsfm
 from fsvfm_jax.convert.pth import CheckpointReadError
@@ -36,13 +36,6 @@ timm = pytest.importorskip("timm", reason="timm is the reference encoder (pip in
 
 TOL = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def timm_encoder(cfg, pool="token", seed=0):
@@ -180,7 +173,7 @@ def test_finetune_loader_resamples_pos_embed_like_the_published_code(tmp_path):
                         strict=True)
     # The same through the command line.
     out = tmp_path / "enc" / "vit_256.npz"
-    assert _tool("import_fsfm").main([str(tmp_path / "checkpoint-9.pth"), "--encoder-only", "--img-size", "256",
+    assert import_tool.main([str(tmp_path / "checkpoint-9.pth"), "--encoder-only", "--img-size", "256",
                                       "--out", str(out)]) == 0
     saved = np.load(out)
     np.testing.assert_array_equal(saved["pos_embed"], tree["pos_embed"])
@@ -198,7 +191,7 @@ def test_import_tool_writes_a_resumable_train_state(tmp_path):
     published_checkpoint(cfg, model, tmp_path / "checkpoint-te-599.pth", target=True, seed=1)
     (tmp_path / "pretrain_ds_mean_std.txt").write_text('{"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]}\n')
     workdir = tmp_path / "run"
-    assert _tool("import_fsfm").main([str(tmp_path / "checkpoint-599.pth"), "--workdir", str(workdir)]) == 0
+    assert import_tool.main([str(tmp_path / "checkpoint-599.pth"), "--workdir", str(workdir)]) == 0
     imported = import_fsfm(tmp_path / "checkpoint-599.pth", tmp_path / "checkpoint-te-599.pth")
     # The trainer's own restore path, with the abstract state the trainer builds.
     optimizer = make_optimizer(lambda s: 1e-4, clip_grad=1.0)
@@ -215,7 +208,7 @@ def test_import_tool_writes_a_resumable_train_state(tmp_path):
     record = json.loads((workdir / "imported_from.json").read_text())
     assert record["epoch"] == 599 and record["target"].endswith("checkpoint-te-599.pth")
     # A second import into the same workdir is refused.
-    assert _tool("import_fsfm").main([str(tmp_path / "checkpoint-599.pth"), "--workdir", str(workdir)]) == 1
+    assert import_tool.main([str(tmp_path / "checkpoint-599.pth"), "--workdir", str(workdir)]) == 1
     # Pretraining continues from it (no pipeline position: the data starts at its beginning).
     faces = tmp_path / "faces"
     write_synthetic_dataset(faces, 16, seed=0)
@@ -238,7 +231,7 @@ def test_wrong_size_and_corrupt_files_fail_clearly(tmp_path, capsys):
         import_fsfm(tmp_path / "checkpoint-1.pth", expected_size="S")
     with pytest.raises(ValueError, match=r"ViT-B/16"):
         load_encoder_for_finetune(tmp_path / "checkpoint-1.pth", 224, expected_size="base")
-    tool = _tool("import_fsfm")
+    tool = import_tool
     assert tool.main([str(tmp_path / "checkpoint-1.pth"), "--workdir", str(tmp_path / "w"), "--size", "large"]) == 1
     assert "ViT-L/16" in capsys.readouterr().err
     # A network of no known size.

@@ -233,11 +233,11 @@ def test_parse_without_hint_pads_and_detects(backend):
 # ----------------------------------------------------------------- clear errors
 
 def test_missing_model_names_the_fix(tmp_path):
-    with pytest.raises(assets.AssetError, match="tools/fetch_models.py"):
+    with pytest.raises(assets.AssetError, match="fsvfm-fetch-models"):
         assets.model_path("face_landmark.tflite", tmp_path)
     from fsvfm_jax.preprocess.backends import BackendUnavailable, MediaPipeBackend
 
-    with pytest.raises(BackendUnavailable, match="fetch_models"):
+    with pytest.raises(BackendUnavailable, match="fsvfm-fetch-models"):
         MediaPipeBackend(cache=tmp_path)
 
 

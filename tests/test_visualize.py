@@ -3,9 +3,7 @@ pixels they claim to, on synthetic faces and a tiny checkpoint written through t
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import cv2
 import jax
@@ -13,28 +11,21 @@ import numpy as np
 import pytest
 
 from fsvfm_jax import visualize as vis
+from fsvfm_jax.cli.visualize import main as visualize_main
 from fsvfm_jax.convert.train_state import write_train_state
 from fsvfm_jax.data.synthetic import write_synthetic_dataset
 from fsvfm_jax.losses import norm_pix_target
 from fsvfm_jax.masking import NUM_CHOOSABLE_GROUPS, make_masks, patch_region_membership
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
 
-ROOT = Path(__file__).resolve().parents[1]
 P = 16
 G = 224 // P
 STRATEGIES = ("crfrp", "crfr_r", "fr", "random")
 MEAN_STD = ((0.55, 0.42, 0.36), (0.28, 0.24, 0.23))
 
 
-def _tool_main(argv):
-    spec = importlib.util.spec_from_file_location("visualize_tool", ROOT / "tools" / "visualize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
-
-
 def _run(argv, capsys):
-    rc = _tool_main(argv)
+    rc = visualize_main(argv)
     out, err = capsys.readouterr()
     return rc, out, err
 

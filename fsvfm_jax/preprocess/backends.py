@@ -11,7 +11,7 @@ A backend does two things (images are RGB uint8 ``[H, W, 3]``):
 Backends:
 * ``mediapipe`` (default, offline): MediaPipe detector + face mesh + selfie segmentation
   run by LiteRT; regions drawn from the mesh (regions.py). Needs ``ai-edge-litert`` and
-  the model files from tools/fetch_models.py.
+  the model files from fsvfm-fetch-models.
 * ``facer``: FACER's ``retinaface/mobilenet`` detector (threshold 0.3) and
   ``farl/lapa/448`` parser, the published pipeline, for exact reproduction.
   Needs ``pyfacer`` + torch and FACER's weights in the torch hub cache.

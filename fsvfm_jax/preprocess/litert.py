@@ -33,7 +33,7 @@ def _interpreter(path, num_threads: int):
     except ImportError as e:  # pragma: no cover - exercised only without the package
         raise ImportError(
             "the default preprocessing backend runs MediaPipe models with LiteRT: "
-            "`pip install ai-edge-litert==2.3.0`, then `python tools/fetch_models.py`"
+            "`pip install ai-edge-litert==2.3.0`, then `fsvfm-fetch-models`"
         ) from e
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     it = Interpreter(model_path=str(path), num_threads=num_threads)

@@ -1,0 +1,31 @@
+"""What every command-line tool shares: one logging setup."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from absl import logging as absl_logging
+
+# Libraries whose INFO lines (checkpoint manager chatter, compilation notes) drown the tools' own.
+QUIET_LOGGERS = ("absl", "orbax", "jax._src")
+LOG_LEVEL_ENV = "FSVFM_LOG_LEVEL"
+
+
+def setup_logging(*, timestamps: bool = False) -> None:
+    """Log to stderr as ``LEVEL message`` (``TIME LEVEL message`` with ``timestamps``, for long runs).
+
+    The level is INFO unless ``$FSVFM_LOG_LEVEL`` names another (DEBUG, WARNING, ...); the
+    libraries in ``QUIET_LOGGERS`` log only WARNING and above unless that level is DEBUG. absl's
+    handler (``app.run`` installs it) is replaced so that every tool logs the same way; handlers
+    someone else installed (a test runner's) are kept.
+    """
+    name = os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
+    level = logging.getLevelName(name)
+    if not isinstance(level, int):
+        raise SystemExit(f"${LOG_LEVEL_ENV}={name!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)")
+    logging.getLogger().removeHandler(absl_logging.get_absl_handler())
+    fmt = "%(asctime)s %(levelname)s %(message)s" if timestamps else "%(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt)
+    for quiet in QUIET_LOGGERS:
+        logging.getLogger(quiet).setLevel(logging.DEBUG if level <= logging.DEBUG else max(level, logging.WARNING))
