@@ -175,7 +175,7 @@ def test_fsfm_export_loads_as_the_published_finetune_script_loads_it(workdir, tm
 
     root, cfg, online, _ = workdir
     out = tmp_path / "fsfm"
-    assert _export_main([str(root), "--to", "fsfm", "--out", str(out), "--epoch", "599"]) == 0
+    assert export_main([str(root), "--to", "fsfm", "--out", str(out), "--epoch", "599"]) == 0
     checkpoint = torch.load(out / "checkpoint-599.pth", map_location="cpu")
     checkpoint_model = checkpoint["model"]
     model = _published_downstream_vit(cfg, img_size, global_pool)
