@@ -8,6 +8,7 @@ def get_config():
     c.data.roots = ("demo_data",)
     c.global_batch_size = 16
     c.accum_steps = 1
+    c.data.region_block = 4  # as if 4 GPUs shared the batch, like the published launch
     c.total_steps = 150
     c.warmup_epochs = 1
     c.base_lr = 1.5e-3

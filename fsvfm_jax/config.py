@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
-# Published scripts: 4 GPUs x per-GPU batch x accum_iter = 4096 for every size.
+# Published scripts: 4 GPUs x per-GPU batch x accum_iter = 4096 for every size (no script for huge).
 PUBLISHED_ACCUM = {"small": 2, "base": 4, "large": 4, "huge": 4}
+PUBLISHED_PER_GPU_BATCH = {"small": 512, "base": 256, "large": 256, "huge": 256}
 
 
 def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
@@ -28,10 +29,16 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.roots = ()  # one or more dataset roots in the published layout
     c.data.mean_std_file = ""  # pretrain_ds_mean_std.txt; empty: <first root>/pretrain_ds_mean_std.txt
+    # "dataset": the stats file (tools/stats.py), an error when missing; "vggface2" / "imagenet": the
+    # published constants ("imagenet" is the published --normalize_from_IMN)
+    c.data.normalize = "dataset"
     c.data.worker_count = 0
     c.data.skip_bad = False
     c.data.mask_strategy = "crfrp"
-    c.data.region_choice = "batch"  # published: one region group per batch; "sample" is an option
+    # Images per CRFR-P region draw over the global batch: the published per-GPU batch (one draw per
+    # GPU micro-batch); 1 draws per image (docs/method.md, "Region draws").
+    c.data.region_block = PUBLISHED_PER_GPU_BATCH.get(size, 256)
+    c.data.simple_augment = False  # published --apply_simple_augment, applied to image and map together
     c.data.mask_ratio = 0.75
 
     c.global_batch_size = 4096  # effective batch per optimizer step, all hosts and micro-batches

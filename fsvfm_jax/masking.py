@@ -3,7 +3,9 @@
 Masks are made on the host, in the input pipeline, for a whole batch at once: every step is
 a numpy operation over ``[B, L]`` (or ``[B, 8, L]``) arrays, and the only Python loops run
 over the eight region groups. One ``np.random.Generator`` drives every draw, so a seed fixes
-the masks.
+the masks; the input pipeline passes a `BlockRandom` instead, which gives each row the draws of
+its region block, so a row's masks do not depend on which host holds it (docs/method.md,
+"Region draws").
 
 Conventions (shared with the encoder and the losses):
 
@@ -296,27 +298,78 @@ def _crfrp(membership: np.ndarray, regions: np.ndarray, n_masked: int,
     return img_mask, np.where(extreme[:, None], img_mask, region_mask)
 
 
-def _choose_regions(batch: int, rng: np.random.Generator, region_choice: str, region: int | None) -> np.ndarray:
-    """The covered group of each sample, int ``[B]``: fixed, one draw per batch, or one per sample."""
-    if region is not None:
-        return np.full(batch, region, dtype=np.int64)
+class BlockRandom:
+    """A batch's random draws, cut into blocks, for the rows of it that are here.
+
+    A global batch of ``batch_size`` rows (positions ``0 .. batch_size - 1``) is cut into blocks
+    of ``block_size`` consecutive positions; block ``j`` draws from
+    ``np.random.default_rng([*key, j])``. This object stands in for a ``Generator`` when only the
+    rows at ``positions`` are present (one host's share of the batch): a draw whose leading axis
+    is the batch gives each row its row of its block's full-size draw, and a batch-level draw (no
+    ``size``) gives each row its block's value. Hence ``make_masks(maps, rng=BlockRandom(key,
+    positions, ...))`` equals, row for row, ``make_masks`` run on every whole block with its own
+    generator: a row's masks depend on its block and position, never on which other rows are
+    present (host count, device count, accumulation). ``make_masks`` draws only through
+    ``random`` and ``integers``, always with the batch leading, which is what this relies on.
+    """
+
+    def __init__(self, key, positions, *, block_size: int, batch_size: int):
+        positions = np.asarray(positions, dtype=np.int64)
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if positions.ndim != 1 or positions.size == 0 or positions.min() < 0 or positions.max() >= batch_size:
+            raise ValueError(f"positions must be a non-empty [n] array in 0..{batch_size - 1}")
+        self._blocks, self._rows = np.divmod(positions, block_size)
+        self._block_size, self._batch_size = int(block_size), int(batch_size)
+        self._generators = {int(j): np.random.default_rng([*map(int, key), int(j)]) for j in np.unique(self._blocks)}
+
+    def _draw(self, method: str, size, **kwargs) -> np.ndarray:
+        if size is None:  # one draw per block, broadcast to its rows
+            values = {j: getattr(g, method)(**kwargs) for j, g in self._generators.items()}
+            return np.array([values[j] for j in self._blocks.tolist()])
+        size = (size,) if isinstance(size, (int, np.integer)) else tuple(size)
+        if size[0] != len(self._blocks):
+            raise ValueError(f"a BlockRandom over {len(self._blocks)} rows cannot draw size {size}")
+        out = None
+        for j, g in self._generators.items():
+            block_rows = min(self._block_size, self._batch_size - j * self._block_size)
+            full = getattr(g, method)(size=(block_rows, *size[1:]), **kwargs)
+            if out is None:
+                out = np.empty(size, full.dtype)
+            here = self._blocks == j
+            out[here] = full[self._rows[here]]
+        return out
+
+    def random(self, size=None, dtype=np.float64) -> np.ndarray:
+        return self._draw("random", size, dtype=dtype)
+
+    def integers(self, low, high=None, size=None, dtype=np.int64) -> np.ndarray:
+        return self._draw("integers", size, low=low, high=high, dtype=dtype)
+
+
+def draw_regions(rng: np.random.Generator | BlockRandom, n: int, region_choice: str = "batch") -> np.ndarray:
+    """The covered group of each of ``n`` images, int64 ``[n]`` in 0..5: one draw for all of them
+    (``"batch"``; one per block for a `BlockRandom`) or one each (``"sample"``)."""
+    if region_choice not in REGION_CHOICES:
+        raise ValueError(f"region_choice must be one of {REGION_CHOICES}, got {region_choice!r}")
     if region_choice == "batch":
-        return np.full(batch, rng.integers(NUM_CHOOSABLE_GROUPS), dtype=np.int64)
-    return rng.integers(NUM_CHOOSABLE_GROUPS, size=batch)
+        return np.full(n, rng.integers(NUM_CHOOSABLE_GROUPS), dtype=np.int64)
+    return np.asarray(rng.integers(NUM_CHOOSABLE_GROUPS, size=n), dtype=np.int64)
 
 
-def make_masks(parsing_maps: np.ndarray, *, patch_size: int, mask_ratio: float, rng: np.random.Generator,
-               strategy: str = "crfrp", region_choice: str = "batch",
+def make_masks(parsing_maps: np.ndarray, *, patch_size: int, mask_ratio: float,
+               rng: np.random.Generator | BlockRandom, strategy: str = "crfrp", region_choice: str = "batch",
                region: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Masks for one batch: ``(img_mask, fr_mask)``, both bool ``[B, L]``, True = masked.
 
     ``parsing_maps`` ``[B, H, W]`` or ``[B, 1, H, W]`` int8/uint8 LaPa labels 0..10.
     Every row of ``img_mask`` has exactly ``n_masked`` Trues (``mask_ratio_to_counts``) and
     ``fr_mask`` is a subset of it. ``strategy`` is one of ``STRATEGIES`` (module docstring).
-    For ``"crfrp"`` and ``"crfr_r"`` the covered group is drawn from groups 0-5: once for the
-    batch (``region_choice="batch"``, as published) or once per sample (``"sample"``);
-    ``region`` fixes it instead (any of 0-7, for tests and pictures); ``"random"`` and ``"fr"``
-    cover no region and ignore both. All randomness comes from ``rng``.
+    For ``"crfrp"`` and ``"crfr_r"`` the covered group is drawn from groups 0-5 (`draw_regions`):
+    once for the batch (``region_choice="batch"``, as published; once per block when ``rng`` is a
+    `BlockRandom`) or once per sample (``"sample"``); ``region`` fixes it instead (any of 0-7, for
+    tests and pictures); ``"random"`` and ``"fr"`` cover no region and ignore both. All randomness
+    comes from ``rng``, every draw either batch-level or with the batch as its leading axis.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -325,8 +378,8 @@ def make_masks(parsing_maps: np.ndarray, *, patch_size: int, mask_ratio: float, 
     if region is not None and (isinstance(region, bool) or not isinstance(region, (int, np.integer))
                                or not 0 <= region < _NUM_GROUPS):
         raise ValueError(f"region must be a group index in 0..{_NUM_GROUPS - 1} or None, got {region!r}")
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if not isinstance(rng, (np.random.Generator, BlockRandom)):
+        raise TypeError(f"rng must be a numpy.random.Generator or a BlockRandom, got {type(rng).__name__}")
     patch_bits = _patch_label_bits(parsing_maps, patch_size)
     batch, num_patches = patch_bits.shape
     _, n_masked = mask_ratio_to_counts(num_patches, mask_ratio)
@@ -338,7 +391,8 @@ def make_masks(parsing_maps: np.ndarray, *, patch_size: int, mask_ratio: float, 
         facial = membership[:, :NUM_CHOOSABLE_GROUPS].any(axis=1)
         img_mask = _take_first(~facial + rng.random(facial.shape), n_masked)
         return img_mask, img_mask & facial
-    regions = _choose_regions(batch, rng, region_choice, region)
+    regions = (np.full(batch, region, dtype=np.int64) if region is not None
+               else draw_regions(rng, batch, region_choice))
     if strategy == "crfr_r":
         region_mask = membership[np.arange(batch), regions]
         img_mask = _take_first(~region_mask + rng.random(region_mask.shape), n_masked)

@@ -13,7 +13,7 @@ then one row per face, every tile followed by a one-line caption, then a legend)
 * `batch_grid` (via `make_preview`, for TensorBoard during training): a training batch's faces,
   their masks, reconstructions and reconstructions with the visible patches pasted back.
 
-The covered region of CRFR-P and CRFR-R is drawn here (``rng.integers(0, 6)``, once per figure
+The covered region of CRFR-P and CRFR-R is drawn first (``masking.draw_regions``, once per figure
 or once per face) and passed to ``make_masks`` as ``region=``, so every tile can name it.
 Tiles are rendered at the model's input size; ``tile`` rescales them (``cv2.INTER_AREA``) for
 smaller files, after the masks are drawn, so only the native size is pixel-exact.
@@ -30,7 +30,7 @@ import numpy as np
 
 from fsvfm_jax.data.records import decode_record
 from fsvfm_jax.data.sources import open_source
-from fsvfm_jax.masking import NUM_CHOOSABLE_GROUPS, REGION_CHOICES, REGION_GROUPS, STRATEGIES, make_masks
+from fsvfm_jax.masking import REGION_GROUPS, STRATEGIES, draw_regions, make_masks
 from fsvfm_jax.preprocess.regions import colorize, legend
 
 MASK_GREY = (128, 128, 128)
@@ -115,15 +115,6 @@ def render_masked(image: np.ndarray, img_mask: np.ndarray, fr_mask: np.ndarray |
         tinted = (1 - FR_ALPHA) * image.astype(np.float32) + FR_ALPHA * np.asarray(FR_TINT, np.float32)
         out = np.where(fr, np.round(tinted).clip(0, 255).astype(np.uint8), out)
     return out.astype(np.uint8)
-
-
-def draw_regions(rng: np.random.Generator, n: int, region_choice: str) -> np.ndarray:
-    """Covered region group per face, int ``[n]`` in 0..5: one draw for all (``"batch"``) or one each."""
-    if region_choice not in REGION_CHOICES:
-        raise ValueError(f"region_choice must be one of {REGION_CHOICES}, got {region_choice!r}")
-    if region_choice == "batch":
-        return np.full(n, rng.integers(0, NUM_CHOOSABLE_GROUPS), dtype=np.int64)
-    return rng.integers(0, NUM_CHOOSABLE_GROUPS, size=n)
 
 
 def masks_for(parsing_maps: np.ndarray, strategy: str, regions: np.ndarray, rng: np.random.Generator, *,

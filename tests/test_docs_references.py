@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("fsvfm_jax", "tools", "tests", "configs", "benchmarks", "docs", "README.md")
 # Spelled in pieces so this file does not match itself.
 OUTSIDE_REFERENCE = re.compile("|".join(["SP" + "EC", "DES" + "IGN.md", r"\.\./sha" + "red"]))
-DOC_POINTER = re.compile(r"docs/([\w-]+\.md)(?:,? \"([^\"]+)\")?")
+# A docs file name, optionally followed by a section heading in quotes or in italics (asterisks).
+DOC_POINTER = re.compile(r"docs/([\w-]+\.md)(?:,? (?:\"([^\"]+)\"|\*([^*]+)\*))?")
 
 
 def _files():
@@ -38,8 +39,9 @@ def test_doc_pointers_resolve():
     broken, seen = [], 0
     for f in _files():
         for i, line in enumerate(f.read_text().splitlines(), 1):
-            for doc_name, section in DOC_POINTER.findall(line):
+            for doc_name, quoted, italic in DOC_POINTER.findall(line):
                 seen += 1
+                section = quoted or italic
                 doc = ROOT / "docs" / doc_name
                 if not doc.is_file():
                     broken.append(f"{f.relative_to(ROOT)}:{i}: docs/{doc_name} does not exist")

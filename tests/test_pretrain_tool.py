@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fsvfm_jax.config import pretrain_config
+from fsvfm_jax.data import stats
 from fsvfm_jax.data.synthetic import write_synthetic_dataset
+from fsvfm_jax.train.pretrain import _mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = ["--config.global_batch_size=8", "--config.total_steps=6", "--config.log_every_steps=1",
@@ -32,6 +35,7 @@ def metrics(workdir):
 def faces(tmp_path_factory):
     root = tmp_path_factory.mktemp("faces")
     write_synthetic_dataset(root, 40, seed=0)
+    stats.write_mean_std(root, *stats.compute_mean_std(str(root))[:2])
     return root
 
 
@@ -84,3 +88,35 @@ def test_batch_that_does_not_divide_over_devices_is_rejected(faces, tmp_path):
                       env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert result.returncode != 0
     assert "does not divide over the 8 devices" in result.stderr
+
+
+def _normalize_config(roots, **data):
+    config = pretrain_config("tiny")
+    config.data.roots = tuple(map(str, roots))
+    config.data.update(data)
+    return config
+
+
+def test_missing_statistics_are_an_error_naming_the_tool(tmp_path):
+    root = tmp_path / "faces"
+    root.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"tools/stats\.py .*data\.normalize=vggface2"):
+        _mean_std(_normalize_config([root]), tmp_path, resume=False)
+    assert not (tmp_path / stats.MEAN_STD_FILENAME).exists()
+
+
+@pytest.mark.parametrize("choice", ["vggface2", "imagenet"])
+def test_published_constants_only_when_chosen(tmp_path, choice):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    expected = {"vggface2": ((0.5482207536697388, 0.42340534925460815, 0.3654651641845703),
+                             (0.2789176106452942, 0.2438540756702423, 0.23493893444538116)),
+                "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}[choice]
+    stats.write_mean_std(tmp_path, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))  # ignored: the constants were chosen
+    assert _mean_std(_normalize_config([tmp_path], normalize=choice), workdir, resume=False) == expected
+    assert stats.read_mean_std(workdir) == expected  # recorded for exports
+    with pytest.raises(ValueError, match="mean_std_file"):
+        _mean_std(_normalize_config([tmp_path], normalize=choice, mean_std_file=str(tmp_path / "x.txt")),
+                  workdir, resume=False)
+    with pytest.raises(ValueError, match="data.normalize"):
+        _mean_std(_normalize_config([tmp_path], normalize="imagenet_ish"), workdir, resume=False)

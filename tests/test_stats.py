@@ -71,12 +71,9 @@ def test_file_is_one_json_line_and_reader_uses_the_first(tmp_path):
     assert stats.read_mean_std(path) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
 
 
-def test_missing_file_falls_back_to_vggface2_with_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING):
-        mean, std = stats.read_mean_std(tmp_path)
-    assert mean == (0.5482207536697388, 0.42340534925460815, 0.3654651641845703)
-    assert std == (0.2789176106452942, 0.2438540756702423, 0.23493893444538116)
-    assert stats.MEAN_STD_FILENAME in caplog.text and "VGGFace2" in caplog.text
+def test_missing_file_is_an_error_naming_the_tool(tmp_path):
+    with pytest.raises(DataError, match=rf"{stats.MEAN_STD_FILENAME} not found.*tools/stats.py"):
+        stats.read_mean_std(tmp_path)
 
 
 def test_malformed_file_names_the_file(tmp_path):

@@ -12,8 +12,16 @@ a pure function of its index:
 
     source -> global shuffle(seed, reshuffled every epoch) -> drop the N % hosts tail
     -> this host's slice [host::hosts] -> decode (cv2, RGB) + bicubic resize -> batch
-    (drop_remainder, per epoch) -> repeat(num_epochs) -> masks for batch i from
-    np.random.default_rng([seed, host, i]) -> iterator -> optional worker processes.
+    (drop_remainder, per epoch) -> repeat(num_epochs) -> [simple augment] -> masks
+    -> iterator -> optional worker processes.
+
+Rows of global step i are the shuffled records at positions q = host + hosts * r (r = row on
+the host), the same records and positions for any host count. Everything random about a row is
+a function of (seed, i, q): masks come in region blocks of ``region_block`` consecutive
+positions, block j drawn from np.random.default_rng([seed, i, j]) exactly as ``make_masks`` on
+the whole block would (masking.BlockRandom), and the optional simple augment draws from
+np.random.default_rng([seed, AUGMENT_STREAM, i, q]). So batches and masks do not depend on the
+host count, the device count or gradient accumulation (docs/data.md, "Determinism").
 
 Decode handles every record kind the sources hand out (records.decode_record): PNG
 records (folders, FSVFM1 shards) are decoded with cv2 to RGB and resized bicubic to
@@ -56,6 +64,7 @@ import grain
 import numpy as np
 
 from fsvfm_jax import masking
+from fsvfm_jax.data import augment
 from fsvfm_jax.data.records import BadRecordError, DataError, decode_record
 from fsvfm_jax.data.sources import open_source
 
@@ -88,32 +97,46 @@ class _DecodeOrMark:
             return {"bad": str(e)}
 
 
+AUGMENT_STREAM = 0x61756776  # tags the augmentation seeds apart from the mask seeds
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskConfig:
-    """How masks are made; see masking.make_masks."""
+    """How a batch is finished on the host; see masking.make_masks and data/augment.py."""
     patch_size: int = 16
     mask_ratio: float = 0.75
     strategy: str = "crfrp"
-    region_choice: str = "batch"
+    region_block: int = 256  # images per CRFR-P region draw, laid out over the global batch
+    simple_augment: bool = False
 
 
 class _AddMasks:
     """(batch index, {'image', 'parsing_map'} batch) -> {'image', 'img_mask', 'fr_mask'}.
 
-    The generator is seeded from (seed, shard_index, batch index) only, so masks do not
-    depend on worker count or on resuming; hosts draw different masks. ``offset`` is
-    added to the index Grain passes (the pipeline may start mid-stream after a restore).
+    Optionally augments each row first (image and map together), then makes the masks. Every
+    draw is seeded from (seed, step, global position) only (module docstring), so the output
+    does not depend on worker count, host count or resuming. ``offset`` is added to the index
+    Grain passes (the pipeline may start mid-stream after a restore).
     """
 
-    def __init__(self, seed: int, shard_index: int, masks: MaskConfig, offset: int = 0):
-        self.seed, self.shard_index, self.masks, self.offset = seed, shard_index, masks, offset
+    def __init__(self, seed: int, shard_index: int, shard_count: int, masks: MaskConfig, offset: int = 0):
+        self.seed, self.shard_index, self.shard_count = seed, shard_index, shard_count
+        self.masks, self.offset = masks, offset
 
     def __call__(self, batch_index, batch):
-        rng = np.random.default_rng([self.seed, self.shard_index, self.offset + int(batch_index)])
+        step = self.offset + int(batch_index)
+        images, maps = batch["image"], batch["parsing_map"]
+        positions = self.shard_index + self.shard_count * np.arange(len(maps))
+        if self.masks.simple_augment:
+            pairs = [augment.simple_augment(im, pm, np.random.default_rng([self.seed, AUGMENT_STREAM, step, q]))
+                     for im, pm, q in zip(images, maps, positions.tolist())]
+            images, maps = np.stack([a for a, _ in pairs]), np.stack([m for _, m in pairs])
+        rng = masking.BlockRandom((self.seed, step), positions, block_size=self.masks.region_block,
+                                  batch_size=len(maps) * self.shard_count)
         img_mask, fr_mask = masking.make_masks(
-            batch["parsing_map"], patch_size=self.masks.patch_size, mask_ratio=self.masks.mask_ratio,
-            rng=rng, strategy=self.masks.strategy, region_choice=self.masks.region_choice)
-        return {"image": batch["image"], "img_mask": img_mask, "fr_mask": fr_mask}
+            maps, patch_size=self.masks.patch_size, mask_ratio=self.masks.mask_ratio, rng=rng,
+            strategy=self.masks.strategy)
+        return {"image": images, "img_mask": img_mask, "fr_mask": fr_mask}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +186,7 @@ class PretrainIterator(grain.DatasetIterator):
             buffer = 2 * plan.batch_size
         else:
             m = plan.add_masks
-            ds = ds.map_with_index(_AddMasks(m.seed, m.shard_index, m.masks, offset=p))
+            ds = ds.map_with_index(_AddMasks(m.seed, m.shard_index, m.shard_count, m.masks, offset=p))
             buffer = max(2, plan.read_threads)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=plan.read_threads, prefetch_buffer_size=buffer))
         if plan.worker_count > 0:
@@ -299,7 +322,8 @@ def make_pretrain_dataset(
     patch_size: int = 16,
     mask_ratio: float = 0.75,
     mask_strategy: str = "crfrp",
-    region_choice: str = "batch",
+    region_block: int = 256,
+    simple_augment: bool = False,
     seed: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
@@ -318,8 +342,13 @@ def make_pretrain_dataset(
       batch_size: per-host batch b (global batch = b * shard_count).
       image_size: model input side S; images are resized to S x S (bicubic); parsing
         maps must already be S x S.
-      patch_size, mask_ratio, mask_strategy, region_choice: passed to masking.make_masks.
-      seed: drives the shuffle (reseeded per epoch) and the masks.
+      patch_size, mask_ratio, mask_strategy: passed to masking.make_masks.
+      region_block: images per CRFR-P region draw, in blocks of consecutive positions of the
+        global batch (the published per-GPU batch: 512 for ViT-S, 256 for B/L); 1 draws per
+        image, the global batch size once per step.
+      simple_augment: the published simple augmentation (data/augment.py), applied to the
+        image and its parsing map together before the masks are made.
+      seed: drives the shuffle (reseeded per epoch), the augmentation and the masks.
       shuffle: global shuffle; False keeps source order (for tests and stats).
       num_epochs: epochs to produce; None repeats forever.
       worker_count: Grain worker processes; 0 decodes in this process (with threads).
@@ -334,7 +363,9 @@ def make_pretrain_dataset(
     if isinstance(source, (str, os.PathLike, list, tuple)):
         source = open_source(source, skip_bad=skip_bad)
     shard_index, shard_count = _process_index_and_count(shard_index, shard_count)
-    masks = MaskConfig(patch_size, mask_ratio, mask_strategy, region_choice)
+    if isinstance(region_block, bool) or not isinstance(region_block, int) or region_block < 1:
+        raise ValueError(f"region_block must be a positive integer (images per region draw), got {region_block!r}")
+    masks = MaskConfig(patch_size, mask_ratio, mask_strategy, region_block, bool(simple_augment))
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     if mask_strategy not in masking.STRATEGIES:
@@ -361,7 +392,7 @@ def make_pretrain_dataset(
                    "shard_index": shard_index, "shard_count": shard_count, "skip_bad": skip_bad,
                    "image_size": image_size, **dataclasses.asdict(masks)}
     plan = _Plan(stream=ds, skip_bad=skip_bad, image_size=image_size, batch_size=batch_size,
-                 epoch_length=per_host, add_masks=_AddMasks(seed, shard_index, masks),
+                 epoch_length=per_host, add_masks=_AddMasks(seed, shard_index, shard_count, masks),
                  read_threads=read_threads, worker_count=worker_count,
                  worker_buffer_size=worker_buffer_size, fingerprint=fingerprint)
     return PretrainData(source=source, num_examples=n, examples_per_host=per_host,

@@ -31,9 +31,13 @@ from fsvfm_jax.data.records import BadRecordError, DataError, decode_record
 log = logging.getLogger(__name__)
 
 MEAN_STD_FILENAME = "pretrain_ds_mean_std.txt"
-# VGGFace2 statistics hard-coded in the published fine-tuning code.
-VGGFACE2_MEAN = (0.5482207536697388, 0.42340534925460815, 0.3654651641845703)
-VGGFACE2_STD = (0.2789176106452942, 0.2438540756702423, 0.23493893444538116)
+# Constants the published code offers instead of a dataset's own statistics: VGGFace2's (hard-coded
+# in its fine-tuning code) and ImageNet's (its --normalize_from_IMN).
+PUBLISHED_MEAN_STD = {
+    "vggface2": ((0.5482207536697388, 0.42340534925460815, 0.3654651641845703),
+                 (0.2789176106452942, 0.2438540756702423, 0.23493893444538116)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 _OFFSETS = np.array([0, 256, 512], np.int32)
 
@@ -174,16 +178,16 @@ def write_mean_std(path, mean: Sequence[float], std: Sequence[float], *, append:
 def read_mean_std(path_or_dir) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) from the FIRST line of a stats file (or of MEAN_STD_FILENAME in a folder).
 
-    A missing file falls back to the published VGGFace2 values with a warning (as the
-    published fine-tuning code does); a malformed file is an error naming it.
+    A missing or malformed file is a `DataError` naming it; nothing falls back silently to
+    other statistics (``PUBLISHED_MEAN_STD`` holds the published constants for callers that
+    choose them explicitly).
     """
     path = os.fspath(path_or_dir)
     if os.path.isdir(path):
         path = os.path.join(path, MEAN_STD_FILENAME)
     if not os.path.exists(path):
-        log.warning("%s not found; using the published VGGFace2 mean/std %s / %s",
-                    path, VGGFACE2_MEAN, VGGFACE2_STD)
-        return VGGFACE2_MEAN, VGGFACE2_STD
+        raise DataError(f"{path} not found: compute the dataset statistics with tools/stats.py "
+                        f"(python tools/stats.py ROOT --out ROOT)")
     with open(path) as f:
         first = f.readline()
     try:

@@ -67,22 +67,36 @@ def _setup_workdir(workdir: Path, config, resume: bool) -> None:
 
 
 def _mean_std(config, workdir: Path, resume: bool):
-    """Normalisation statistics: the configured file, else (when resuming) the run's own, else the
-    first root's, else VGGFace2's published values (with a warning). The file actually used is
-    copied into the workdir, so it travels with exports."""
+    """Normalisation statistics (docs/data.md, "Statistics file"). ``data.normalize="dataset"``:
+    the configured file, else (when resuming) the run's own, else the first root's; none of them
+    is an error naming tools/stats.py. ``"vggface2"`` / ``"imagenet"``: the published constants.
+    What is used is written into the workdir, so it travels with exports."""
+    choice = config.data.normalize
+    own = workdir / stats.MEAN_STD_FILENAME
+    if choice in stats.PUBLISHED_MEAN_STD:
+        if config.data.mean_std_file:
+            raise ValueError(f"data.normalize={choice!r} uses the published constants; it cannot be combined with "
+                             f"data.mean_std_file={config.data.mean_std_file!r} (use data.normalize='dataset')")
+        mean, std = stats.PUBLISHED_MEAN_STD[choice]
+        if jax.process_index() == 0:
+            stats.write_mean_std(own, mean, std)
+        return mean, std
+    if choice != "dataset":
+        raise ValueError(f"data.normalize must be 'dataset' or one of {sorted(stats.PUBLISHED_MEAN_STD)}, got {choice!r}")
     candidates = [Path(config.data.mean_std_file)] if config.data.mean_std_file else []
     if resume:
-        candidates.append(workdir / stats.MEAN_STD_FILENAME)
+        candidates.append(own)
     candidates.append(Path(config.data.roots[0]) / stats.MEAN_STD_FILENAME)
     for path in candidates:
         if path.is_file():
-            if jax.process_index() == 0 and path.resolve() != (workdir / stats.MEAN_STD_FILENAME).resolve():
-                shutil.copyfile(path, workdir / stats.MEAN_STD_FILENAME)
+            if jax.process_index() == 0 and path.resolve() != own.resolve():
+                shutil.copyfile(path, own)
             return stats.read_mean_std(path)
-    mean, std = stats.read_mean_std(candidates[-1])  # falls back, warns
-    if jax.process_index() == 0:
-        stats.write_mean_std(workdir / stats.MEAN_STD_FILENAME, mean, std)
-    return mean, std
+    roots = " ".join(map(str, config.data.roots))
+    raise FileNotFoundError(
+        f"no dataset statistics ({', '.join(map(str, candidates))} not found): compute them with "
+        f"`python tools/stats.py {roots} --out {config.data.roots[0]}`, or normalise with published "
+        "constants: --config.data.normalize=vggface2 (or imagenet, the published --normalize_from_IMN)")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False) -> dict:
@@ -107,8 +121,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     data = make_pretrain_dataset(
         list(config.data.roots), batch_size=config.global_batch_size // jax.process_count(),
         image_size=mcfg.img_size, patch_size=mcfg.patch_size, mask_ratio=config.data.mask_ratio,
-        mask_strategy=config.data.mask_strategy, region_choice=config.data.region_choice,
-        seed=config.seed, worker_count=config.data.worker_count, skip_bad=config.data.skip_bad,
+        mask_strategy=config.data.mask_strategy, region_block=config.data.region_block,
+        simple_augment=config.data.simple_augment, seed=config.seed, worker_count=config.data.worker_count,
+        skip_bad=config.data.skip_bad,
     )
     iterator = data.iterator()
     steps_per_epoch = data.batches_per_epoch
