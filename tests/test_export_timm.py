@@ -1,8 +1,8 @@
 """Exported encoders load into timm (an independent ViT implementation) and compute our features.
 
-For each size: export -> ``timm.create_model(name, pretrained=False, **exported args)`` ->
-``load_state_dict(strict=True)`` -> features on the same images, in both downstream pooling modes
-(docs/interop.md). Tolerance: max abs difference <= 1e-4 in float32.
+For each size: export a timm model folder -> ``timm.create_model("local-dir:FOLDER", pretrained=True)``
+(timm reads config.json and loads model.safetensors strictly) -> features on the same images, in
+both downstream pooling modes (docs/interop.md). Tolerance: max abs difference <= 1e-4 in float32.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsvfm_jax.convert.timm_export import encoder_to_timm, pooled_features, write_timm_export
+from fsvfm_jax.convert import fsfm_layout
+from fsvfm_jax.convert.timm_export import (
+    POOLS, TIMM_CONFIG, encoder_to_timm, load_encoder_for_finetune, pooled_features, write_timm_export,
+)
 from fsvfm_jax.data.stats import MEAN_STD_FILENAME, read_mean_std
 from fsvfm_jax.models.fsfm import fsfm_config
 from fsvfm_jax.models.vit import ViTEncoder
 
 torch = pytest.importorskip("torch", reason="timm parity needs the [torch] extra (pip install -e .[torch])")
 timm = pytest.importorskip("timm", reason="timm parity needs the [torch] extra (pip install -e .[torch])")
-from safetensors.torch import load_file  # noqa: E402
 
 TOL = 1e-4
 MEAN_STD = ([0.5482207536697388, 0.42340534925460815, 0.3654651641845703],
@@ -54,10 +56,8 @@ def images_for(cfg, n=2, seed=1):
     return np.random.default_rng(seed).standard_normal((n, cfg.img_size, cfg.img_size, 3)).astype(np.float32)
 
 
-def timm_features(manifest, out_dir, pool, images):
-    entry = manifest["exports"][pool]
-    model = timm.create_model(manifest["timm_model_name"], pretrained=False, **entry["model_args"]).eval()
-    model.load_state_dict(load_file(str(out_dir / entry["safetensors"])), strict=True)
+def timm_features(folder, images):
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     with torch.no_grad():
         x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
         return model(x).numpy(), model.forward_features(x).numpy()
@@ -66,13 +66,14 @@ def timm_features(manifest, out_dir, pool, images):
 def check_size(size, tmp_path, record_property):
     cfg = fsfm_config(size)
     encoder = pretrained_like_encoder(cfg)
-    manifest = write_timm_export(tmp_path, encoder, cfg, size, mean_std=MEAN_STD)
+    folders = write_timm_export(tmp_path, encoder, cfg, size, mean_std=MEAN_STD, pools=POOLS)
+    assert folders == {pool: tmp_path / pool for pool in POOLS}
     images = images_for(cfg)
     tokens = np.asarray(ViTEncoder(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                                    depth=cfg.depth, num_heads=cfg.num_heads).apply({"params": encoder}, images))
     diffs = {}
     for pool in ("avg", "token"):
-        ref, ref_tokens = timm_features(manifest, tmp_path, pool, images)
+        ref, ref_tokens = timm_features(folders[pool], images)
         ours = np.asarray(pooled_features(encoder, jnp.asarray(images), cfg, pool))
         assert ours.shape == ref.shape == (2, cfg.embed_dim)
         diffs[pool] = float(np.abs(ours - ref).max())
@@ -81,23 +82,48 @@ def check_size(size, tmp_path, record_property):
     record_property("max_abs_diff", diffs)
     print(f"\n[timm parity] {size}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     assert max(diffs.values()) <= TOL, diffs
-    return manifest
+    return folders
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_export_matches_timm(size, tmp_path, record_property):
-    manifest = check_size(size, tmp_path, record_property)
+    folders = check_size(size, tmp_path, record_property)
     cfg = fsfm_config(size)
-    for pool in ("avg", "token"):
-        args = manifest["exports"][pool]["model_args"]
+    for pool, folder in folders.items():
+        config = json.loads((folder / TIMM_CONFIG).read_text())
+        args = config["model_args"]
         assert args["num_heads"] == cfg.num_heads and args["global_pool"] == pool
-        assert args["fc_norm"] is (pool == "avg") and args["num_classes"] == 0
-    if size == "small":  # our ViT-S has 12 heads; timm's vit_small_patch16_224 default is 6
-        assert manifest["timm_model_name"] == "vit_small_patch16_224"
-        assert manifest["exports"]["avg"]["model_args"]["num_heads"] == 12
-    on_disk = json.loads((tmp_path / "timm_export.json").read_text())
-    assert on_disk["exports"] == json.loads(json.dumps(manifest["exports"]))
-    assert read_mean_std(tmp_path / MEAN_STD_FILENAME) == (tuple(MEAN_STD[0]), tuple(MEAN_STD[1]))
+        assert args["fc_norm"] is (pool == "avg") and config["num_classes"] == 0
+        assert config["pretrained_cfg"]["mean"] == MEAN_STD[0] and config["pretrained_cfg"]["std"] == MEAN_STD[1]
+        assert read_mean_std(folder / MEAN_STD_FILENAME) == (tuple(MEAN_STD[0]), tuple(MEAN_STD[1]))
+        if size == "small":  # our ViT-S has 12 heads; timm's vit_small_patch16_224 default is 6
+            assert config["architecture"] == "vit_small_patch16_224" and args["num_heads"] == 12
+
+
+def test_the_folder_carries_the_input_recipe_and_takes_a_new_head(tmp_path):
+    """One pooling mode: the output folder itself is the timm model. timm's data config (what its
+    transforms are built from) gives back our mean/std, input size and resize; ``num_classes=2``
+    adds a fresh head on top of exactly the exported features; our fine-tuning loader reads it too."""
+    cfg = fsfm_config("tiny")
+    encoder = pretrained_like_encoder(cfg)
+    assert write_timm_export(tmp_path, encoder, cfg, "tiny", mean_std=MEAN_STD) == {"avg": tmp_path}
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    data = timm.data.resolve_data_config({}, model=model)
+    assert tuple(data["input_size"]) == (3, 224, 224) and data["interpolation"] == "bicubic" and data["crop_pct"] == 1.0
+    np.testing.assert_allclose(data["mean"], MEAN_STD[0], rtol=0, atol=0)
+    np.testing.assert_allclose(data["std"], MEAN_STD[1], rtol=0, atol=0)
+    head = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=2).eval()
+    assert head.num_classes == 2 and tuple(head.head.weight.shape) == (2, cfg.embed_dim)
+    images = images_for(cfg)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        features = head.forward_head(head.forward_features(x), pre_logits=True).numpy()
+    ours = np.asarray(pooled_features(encoder, jnp.asarray(images), cfg, "avg"))
+    assert float(np.abs(features - ours).max()) <= TOL
+    mine, back = fsfm_layout.flatten(encoder), fsfm_layout.flatten(load_encoder_for_finetune(tmp_path, pool="avg"))
+    assert set(back) == {k for k in mine if not k.startswith("norm/")} | {"pos_embed", "fc_norm/scale", "fc_norm/bias"}
+    for k in set(back) & set(mine):
+        np.testing.assert_array_equal(back[k], np.asarray(mine[k]), err_msg=k)
 
 
 @pytest.mark.slow
@@ -114,8 +140,8 @@ def test_pooling_modes_hold_the_right_norm_and_pth_loads(tmp_path):
     np.testing.assert_array_equal(avg["fc_norm.weight"], 1.0)  # fresh, as the published downstream ViT
     np.testing.assert_array_equal(avg["fc_norm.bias"], 0.0)
     np.testing.assert_array_equal(token["norm.weight"], np.asarray(encoder["norm"]["scale"]))
-    manifest = write_timm_export(tmp_path, encoder, cfg, "tiny", pools=("token",), pth=True)
-    sd = torch.load(tmp_path / manifest["exports"]["token"]["pth"], weights_only=True)
+    folders = write_timm_export(tmp_path, encoder, cfg, "tiny", mean_std=MEAN_STD, pools=("token",), pth=True)
+    sd = torch.load(folders["token"] / "pytorch_model.pth", weights_only=True)
     assert set(sd) == set(token)
     for k, v in token.items():
         np.testing.assert_array_equal(sd[k].numpy(), v)

@@ -26,7 +26,6 @@ from fsvfm_jax.train.step import init_state
 
 torch = pytest.importorskip("torch", reason="timm parity needs the [torch] extra (pip install -e .[torch])")
 timm = pytest.importorskip("timm", reason="timm parity needs the [torch] extra (pip install -e .[torch])")
-from safetensors.torch import load_file  # noqa: E402
 
 MEAN_STD_LINE = '{"mean": [0.55, 0.42, 0.36], "std": [0.28, 0.24, 0.23]}\n'
 
@@ -54,22 +53,26 @@ def workdir(tmp_path_factory):
 
 
 def test_export_to_timm_from_an_orbax_workdir(workdir, tmp_path, record_property):
+    """Default: one timm model folder (avg pooling) that timm loads by itself; --pool both: one each."""
     root, cfg, online, _ = workdir
-    out = tmp_path / "timm"
-    assert export_main([str(root), "--to", "timm", "--out", str(out)]) == 0
-    manifest = json.loads((out / "timm_export.json").read_text())
-    assert manifest["step"] == 30
-    assert read_mean_std(out / "pretrain_ds_mean_std.txt") == ((0.55, 0.42, 0.36), (0.28, 0.24, 0.23))
     images = np.random.default_rng(1).standard_normal((2, 224, 224, 3)).astype(np.float32)
     diffs = {}
-    for pool, entry in manifest["exports"].items():
-        model = timm.create_model(manifest["timm_model_name"], pretrained=False, **entry["model_args"]).eval()
-        model.load_state_dict(load_file(str(out / entry["safetensors"])), strict=True)
-        with torch.no_grad():
-            ref = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-        diffs[pool] = float(np.abs(np.asarray(pooled_features(online["encoder"], images, cfg, pool)) - ref).max())
+    for pool_arg, folders in (("avg", {"avg": tmp_path / "one"}),
+                              ("both", {"avg": tmp_path / "two" / "avg", "token": tmp_path / "two" / "token"})):
+        out = tmp_path / ("one" if pool_arg == "avg" else "two")
+        assert export_main([str(root), "--to", "timm", "--out", str(out), "--pool", pool_arg]) == 0
+        for pool, folder in folders.items():
+            config = json.loads((folder / "config.json").read_text())
+            assert config["fsvfm"]["step"] == 30 and config["global_pool"] == pool
+            assert read_mean_std(folder / "pretrain_ds_mean_std.txt") == ((0.55, 0.42, 0.36), (0.28, 0.24, 0.23))
+            model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+            assert list(model.pretrained_cfg["mean"]) == [0.55, 0.42, 0.36]
+            with torch.no_grad():
+                ref = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+            ours = np.asarray(pooled_features(online["encoder"], images, cfg, pool))
+            diffs[f"{pool_arg}/{pool}"] = float(np.abs(ours - ref).max())
     record_property("max_abs_diff", diffs)
-    assert set(diffs) == {"avg", "token"} and max(diffs.values()) <= 1e-4, diffs
+    assert len(diffs) == 3 and max(diffs.values()) <= 1e-4, diffs
 
 
 def test_export_to_fsfm_round_trips_bit_exact(workdir, tmp_path):

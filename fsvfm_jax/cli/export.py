@@ -1,14 +1,16 @@
 """Export a pretraining checkpoint to timm or to the published FSFM ``.pth`` layout.
 
-    fsvfm-export WORKDIR --to timm --out exports/vit_b            # both pooling modes
-    fsvfm-export WORKDIR --to timm --out exports/vit_b --pool avg --pth
+    fsvfm-export WORKDIR --to timm --out exports/vit_b                # a timm model folder
+    fsvfm-export WORKDIR --to timm --out exports/vit_b --pool both    # exports/vit_b/{avg,token}
     fsvfm-export WORKDIR --to fsfm --out exports/vit_b_fsfm [--epoch 599]
 
 ``WORKDIR`` may also be ``WORKDIR/checkpoints`` or one ``WORKDIR/checkpoints/<step>``; the latest
-step is used unless ``--step`` is given. ``--to timm`` writes one safetensors file per pooling mode,
-``timm_export.json`` (the timm model name and the arguments it must be created with) and
-``pretrain_ds_mean_std.txt``; it needs no torch (``--pth`` does). ``--to fsfm`` writes
-``checkpoint-N.pth`` (online) and ``checkpoint-te-N.pth`` (target) and needs torch.
+step is used unless ``--step`` is given. ``--to timm`` writes a timm model folder, which
+``timm.create_model("local-dir:exports/vit_b", pretrained=True)`` loads as it is (and
+``hf-hub:NAME`` once uploaded to a model hub): ``config.json`` (architecture, arguments, our
+mean/std and input size), ``model.safetensors`` (+ ``pytorch_model.pth`` with ``--pth``, which needs
+torch) and ``pretrain_ds_mean_std.txt``. ``--to fsfm`` writes ``checkpoint-N.pth`` (online) and
+``checkpoint-te-N.pth`` (target) and needs torch. docs/interop.md says more.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--to", choices=("timm", "fsfm"), required=True)
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--pool", choices=(*POOLS, "both"), default="both", help="timm pooling mode(s) to export")
+    p.add_argument("--pool", choices=(*POOLS, "both"), default="avg",
+                   help="timm pooling: avg (the published fine-tuning default), token, or both (one folder each)")
     p.add_argument("--pth", action="store_true", help="--to timm: also write .pth state dicts (needs torch)")
     p.add_argument("--mean-std", default=None,
                    help=f"{MEAN_STD_FILENAME} to ship with the export (default: the workdir's own)")
@@ -58,12 +61,11 @@ def main(argv=None) -> int:
         where = f"{args.checkpoint} step {state.step}"
         if args.to == "timm":
             pools = POOLS if args.pool == "both" else (args.pool,)
-            manifest = write_timm_export(out, state.params["encoder"], state.cfg, state.size, mean_std=mean_std,
-                                         pools=pools, pth=args.pth, source=str(Path(args.checkpoint).resolve()),
-                                         step=state.step)
-            for pool, entry in manifest["exports"].items():
-                print(f"{pool}: {out / entry['safetensors']}  timm.create_model({manifest['timm_model_name']!r}, "
-                      f"pretrained=False, **{entry['model_args']})")
+            folders = write_timm_export(out, state.params["encoder"], state.cfg, state.size, mean_std=mean_std,
+                                        pools=pools, pth=args.pth, source=str(Path(args.checkpoint).resolve()),
+                                        step=state.step)
+            for pool, folder in folders.items():
+                print(f"{pool}: timm.create_model('local-dir:{folder}', pretrained=True)")
         else:
             epoch = state.step if args.epoch is None else args.epoch
             meta = {"model": PUBLISHED_MODEL_NAMES[state.size], "input_size": state.cfg.img_size,

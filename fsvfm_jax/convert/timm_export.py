@@ -49,7 +49,8 @@ TIMM_MODEL_NAMES = {
     "large": "vit_large_patch16_224",
     "huge": "vit_huge_patch14_224",
 }
-EXPORT_MANIFEST = "timm_export.json"
+# The files of a timm model folder (what timm's local-dir / hf-hub loaders read).
+TIMM_CONFIG, TIMM_WEIGHTS, TIMM_PTH_WEIGHTS = "config.json", "model.safetensors", "pytorch_model.pth"
 
 
 def timm_model_args(cfg: FSFMConfig, pool: str) -> dict[str, Any]:
@@ -128,42 +129,63 @@ def encoder_to_timm(encoder, cfg: FSFMConfig, pool: str = "avg") -> dict[str, np
     return sd
 
 
-def write_timm_export(out_dir: str | Path, encoder, cfg: FSFMConfig, size: str, *, mean_std=None,
-                      pools=POOLS, pth: bool = False, source: str | None = None, step: int | None = None) -> dict:
-    """Write ``<name>-<pool>.safetensors`` per pooling mode (+ ``.pth`` if asked), the mean/std
-    file and ``timm_export.json`` describing how to build the model. Returns the manifest."""
+def timm_config(cfg: FSFMConfig, size: str, pool: str, mean_std, *, source: str | None = None,
+                step: int | None = None) -> dict[str, Any]:
+    """timm's ``config.json`` for a model folder (the layout its hub/local-dir loader reads).
+
+    ``architecture`` + ``model_args`` build the model, ``pretrained_cfg`` describes its input (our
+    mean/std, input size, bicubic resize, no crop: the pretraining faces are already crops) and
+    ``num_classes=0`` (a feature extractor; ``create_model(..., num_classes=N)`` adds a fresh head).
+    The ``fsvfm`` entry records where the weights came from; timm ignores it.
+    """
+    mean, std = mean_std
+    args = timm_model_args(cfg, pool)
+    del args["num_classes"]  # taken from the top-level num_classes, so callers can override it
+    return {
+        "architecture": TIMM_MODEL_NAMES[size],
+        "num_classes": 0,
+        "num_features": cfg.embed_dim,
+        "global_pool": pool,
+        "model_args": args,
+        "pretrained_cfg": {
+            "tag": "fsvfm", "custom_load": False, "input_size": [3, cfg.img_size, cfg.img_size],
+            "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std], "num_classes": 0,
+            "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head",
+        },
+        "fsvfm": {"exported_by": "fsvfm-jax", "size": size, "architecture": describe_size(size),
+                  "source": source, "step": step},
+    }
+
+
+def write_timm_export(out_dir: str | Path, encoder, cfg: FSFMConfig, size: str, *, mean_std,
+                      pools=("avg",), pth: bool = False, source: str | None = None,
+                      step: int | None = None) -> dict[str, Path]:
+    """Write timm model folders: ``config.json`` (:func:`timm_config`), ``model.safetensors``
+    (+ ``pytorch_model.pth`` with ``pth``) and the mean/std file.
+
+    One pooling mode: ``out_dir`` is the folder, so ``timm.create_model("local-dir:OUT",
+    pretrained=True)`` loads it (and ``hf-hub:`` once uploaded). Several: one folder per mode,
+    ``out_dir/<pool>``. Returns ``{pool: folder}``.
+    """
     from safetensors.numpy import save_file
 
+    if not pools or len(set(pools)) != len(pools):
+        raise ValueError(f"pools must be distinct modes from {POOLS}, got {pools!r}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = TIMM_MODEL_NAMES[size]
-    manifest: dict[str, Any] = {
-        "format": "fsvfm-jax timm export v1",
-        "timm_model_name": name,
-        "architecture": describe_size(size) + f", {cfg.num_heads} heads, img_size {cfg.img_size}",
-        "default_pool": "avg",
-        "exports": {},
-        "source": source, "step": step,
-        "usage": "m = timm.create_model(timm_model_name, pretrained=False, **exports[pool]['model_args']); "
-                 "m.load_state_dict(safetensors.torch.load_file(exports[pool]['safetensors']), strict=True)",
-    }
+    folders = {}
     for pool in pools:
+        folder = out_dir if len(pools) == 1 else out_dir / pool
+        folder.mkdir(parents=True, exist_ok=True)
         sd = encoder_to_timm(encoder, cfg, pool)
-        args = timm_model_args(cfg, pool)
-        entry = {"model_args": args, "safetensors": f"{name}-fsvfm-{pool}.safetensors"}
-        save_file(sd, str(out_dir / entry["safetensors"]),
-                  metadata={"timm_model_name": name, "model_args": json.dumps(args), "pool": pool})
+        config = timm_config(cfg, size, pool, mean_std, source=source, step=step)
+        save_file(sd, str(folder / TIMM_WEIGHTS), metadata={"format": "pt", "architecture": config["architecture"]})
         if pth:
-            entry["pth"] = f"{name}-fsvfm-{pool}.pth"
-            save_pth(out_dir / entry["pth"], sd)
-        manifest["exports"][pool] = entry
-    if mean_std is not None:
-        mean, std = mean_std
-        write_mean_std(out_dir / MEAN_STD_FILENAME, mean, std)
-        manifest["mean"], manifest["std"] = list(map(float, mean)), list(map(float, std))
-        manifest["mean_std_file"] = MEAN_STD_FILENAME
-    (out_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+            save_pth(folder / TIMM_PTH_WEIGHTS, sd)
+        (folder / TIMM_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_mean_std(folder / MEAN_STD_FILENAME, *mean_std)
+        folders[pool] = folder
+    return folders
 
 
 def pooled_features(encoder, images: jnp.ndarray, cfg: FSFMConfig, pool: str = "avg") -> jnp.ndarray:
@@ -194,6 +216,10 @@ def _read_any(path_or_state_dict, unsafe: bool) -> tuple[dict[str, np.ndarray], 
     if isinstance(path_or_state_dict, Mapping):
         return model_state_dict(path_or_state_dict, "state dict"), "state dict"
     path = Path(path_or_state_dict)
+    if path.is_dir():  # a timm model folder (write_timm_export)
+        if not (path / TIMM_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path}: a folder without {TIMM_WEIGHTS}, so not a timm model folder")
+        path = path / TIMM_WEIGHTS
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -208,7 +234,7 @@ def load_encoder_for_finetune(path_or_state_dict, img_size: int | None = None, *
     """Encoder parameters to start fine-tuning from, at input size ``img_size``.
 
     Accepts a published or exported FSFM ``.pth`` (online file: ``checkpoint['model']``), a timm
-    export (``.safetensors``/``.pth``), or a torch-layout state dict. Returns our encoder tree::
+    export (its folder, or a ``.safetensors``/``.pth`` file), or a torch-layout state dict. Returns our encoder tree::
 
         {patch_embed/proj/{kernel [p,p,3,D], bias}, cls_token [1,1,D], pos_embed [1,1+L',D],
          blocks_i/..., norm (pool 'token') | fc_norm (pool 'avg', fresh unless the file has one)}
