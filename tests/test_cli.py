@@ -111,3 +111,14 @@ def test_one_logging_setup():
     assert absl == ["INFO hello"]
     bad = _logging_run("setup_logging()", FSVFM_LOG_LEVEL="LOUD")
     assert bad.returncode == 1 and "FSVFM_LOG_LEVEL='LOUD' is not a logging level" in bad.stderr
+
+
+def test_shard_argument():
+    import argparse
+
+    from fsvfm_jax.cli.common import shard_arg
+
+    assert shard_arg("0/8") == (0, 8) and shard_arg(" 7 / 8 ") == (7, 8)
+    for bad in ("8/8", "1/0", "-1/4", "a/b", "3", "1/2/3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="0 <= i < N"):
+            shard_arg(bad)

@@ -126,3 +126,49 @@ def test_cli_with_process_pool(photos, tmp_path):
                           str(tmp_path / "nowhere"), "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_shard_of_is_a_stable_hash_of_the_output_name():
+    names = [f"person_{i:04d}/clip_{i % 7}.mp4" for i in range(2000)]
+    shards = [pipeline.shard_of(n, 4) for n in names]
+    assert all(400 <= shards.count(s) <= 600 for s in range(4)), [shards.count(s) for s in range(4)]
+    # sources whose outputs would share a name go to the same machine
+    assert pipeline.shard_of("a/b.png", 4) == pipeline.shard_of("a/b.jpg", 4) == pipeline.shard_of("a__b.png", 4)
+    assert pipeline.shard_filename(pipeline.REPORT, (2, 8)) == "preprocess_report.shard-00002-of-00008.json"
+    with pytest.raises(ValueError, match="0 <= index < count"):
+        pipeline.check_shard((3, 3))
+
+
+def test_shards_split_the_tree_and_merge_by_copying(photos, tmp_path):
+    """``--shard i/3`` over a tree with subfolders: each source is processed by exactly one shard,
+    and the three output folders copied into one give the single run's faces and maps byte for byte,
+    with no file name in two shards."""
+    tree = tmp_path / "tree"
+    for sub in ("", "a", "a/b", "c"):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+        for n in ("astronaut.png", "coffee.png"):
+            shutil.copy(photos / n, tree / sub / n)
+    (tree / "c" / "notes.txt").write_text("not an image")
+    single = pipeline.run(tree, tmp_path / "single", workers=0, progress=False)
+    reports, merged = [], tmp_path / "merged"
+    for i in range(3):
+        out = tmp_path / f"shard{i}"
+        reports.append(pipeline.run(tree, out, workers=0, progress=False, shard=(i, 3)))
+        assert (out / f"preprocess_report.shard-0000{i}-of-00003.json").is_file()
+        assert not (out / pipeline.REPORT).exists()
+    files = [{p.relative_to(tmp_path / f"shard{i}") for p in (tmp_path / f"shard{i}").rglob("*") if p.is_file()}
+             for i in range(3)]
+    assert not (files[0] & files[1] or files[0] & files[2] or files[1] & files[2]), "a name in two shards"
+    for i in range(3):
+        shutil.copytree(tmp_path / f"shard{i}", merged, dirs_exist_ok=True)
+    for sub in ("images", "parsing_maps"):
+        want = {p.name: p.read_bytes() for p in (tmp_path / "single" / sub).iterdir()}
+        got = {p.name: p.read_bytes() for p in (merged / sub).iterdir()}
+        assert set(got) == set(want) and len(want) == 4 and all(got[k] == want[k] for k in want), sub
+    total = {k: sum(r["counts"][k] for r in reports) for k in ("found", "written", "no_face", "ignored")}
+    assert total == {k: single["counts"][k] for k in total} == {"found": 8, "written": 4, "no_face": 4, "ignored": 1}
+    assert sorted(n for r in reports for n in r["no_face"]) == single["no_face"]
+    assert all(r["shard"]["sources_in_tree"] == 8 for r in reports)
+    # rerunning a shard resumes from its own journal
+    again = pipeline.run(tree, tmp_path / "shard1", workers=0, progress=False, shard=(1, 3))
+    assert again["counts"]["skipped_done_before"] == reports[1]["counts"]["found"]

@@ -113,3 +113,67 @@ def test_bad_image_fails_or_is_skipped(tmp_path, caplog):
     ref_mean, ref_std = _numpy_mean_std([root])
     np.testing.assert_allclose(mean, ref_mean, atol=1e-6)
     np.testing.assert_allclose(std, ref_std, atol=1e-6)
+
+
+def _stats_tool(*args):
+    from fsvfm_jax.cli.stats import main
+
+    return main([str(a) for a in args])
+
+
+def test_sharded_partials_merge_into_exactly_the_single_run(roots, tmp_path, capsys):
+    """Three machines share the two roots (--shard i/3), or each machine has its own root (partials
+    without --shard): either way the merged file is byte-identical to one run over everything."""
+    assert _stats_tool(*roots, "--out", tmp_path / "single.txt") == 0
+    single = (tmp_path / "single.txt").read_text()
+    parts = [tmp_path / f"part{i}.json" for i in range(3)]
+    for i, part in enumerate(parts):
+        assert _stats_tool(*roots, "--shard", f"{i}/3", "--partial", part) == 0
+    records = [json.loads(p.read_text())["records"] for p in parts]
+    assert records == [4, 4, 4]  # 12 records striped over 3 shards
+    hists = [np.asarray(json.loads(p.read_text())["histogram"]) for p in parts]
+    assert all(h.shape == (3, 256) and h.sum() == r * 224 * 224 * 3 for h, r in zip(hists, records))
+    assert _stats_tool("--merge", *reversed(parts), "--out", tmp_path / "merged.txt") == 0
+    assert (tmp_path / "merged.txt").read_text() == single
+    per_root = [tmp_path / "root_a.json", tmp_path / "root_b.json"]
+    for root, part in zip(roots, per_root):
+        assert _stats_tool(root, "--partial", part) == 0
+    assert _stats_tool("--merge", *per_root, "--out", tmp_path / "merged_roots.txt") == 0
+    assert (tmp_path / "merged_roots.txt").read_text() == single
+    ref_mean, ref_std = _numpy_mean_std(roots)
+    mean, std = stats.read_mean_std(tmp_path / "merged.txt")
+    np.testing.assert_allclose(mean, ref_mean, atol=1e-6)
+    np.testing.assert_allclose(std, ref_std, atol=1e-6)
+    capsys.readouterr()
+
+
+def test_partials_that_do_not_fit_together_are_refused(roots, tmp_path, capsys):
+    parts = {}
+    for name, args in {"s0": ("--shard", "0/2"), "s1": ("--shard", "1/2"), "s0of3": ("--shard", "0/3"),
+                       "whole": ()}.items():
+        parts[name] = tmp_path / f"{name}.json"
+        assert _stats_tool(*roots, *args, "--partial", parts[name]) == 0
+    small = json.loads(parts["whole"].read_text())  # as if computed at another input size
+    small.update(image_size=112, roots=["/elsewhere"])
+    parts["small"] = tmp_path / "small.json"
+    parts["small"].write_text(json.dumps(small))
+    (tmp_path / "junk.json").write_text('{"format": "something else"}\n')
+    capsys.readouterr()
+    cases = {("s0",): "missing [1]", ("s0", "s0", "s1"): "more than once [0]", ("s0", "s0of3"): "different shardings",
+             ("s0", "whole"): "cannot mix", ("whole", "small"): "different image sizes",
+             ("whole", "whole"): "counted in more than one partial"}
+    for names, message in cases.items():
+        assert _stats_tool("--merge", *(parts[n] for n in names), "--out", tmp_path / "x.txt") == 1, names
+        assert message in capsys.readouterr().err, names
+    assert _stats_tool("--merge", tmp_path / "junk.json", "--out", tmp_path / "x.txt") == 1
+    assert "junk.json: not a fsvfm-stats-partial/1 file" in capsys.readouterr().err
+    damaged = json.loads(parts["whole"].read_text())
+    damaged["histogram"] = damaged["histogram"][:2]
+    (tmp_path / "damaged.json").write_text(json.dumps(damaged))
+    assert _stats_tool("--merge", tmp_path / "damaged.json", "--out", tmp_path / "x.txt") == 1
+    assert "damaged.json: damaged partial statistics file" in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists()
+    for bad in (["--shard", "2/2", "--partial", tmp_path / "p.json"], ["--shard", "0/2"]):
+        with pytest.raises(SystemExit):
+            _stats_tool(*roots, *bad)
+        assert "--shard" in capsys.readouterr().err

@@ -1,9 +1,11 @@
-"""What every command-line tool shares: one logging setup."""
+"""What the command-line tools share: one logging setup, the ``--shard i/N`` argument."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import re
 
 from absl import logging as absl_logging
 
@@ -29,3 +31,11 @@ def setup_logging(*, timestamps: bool = False) -> None:
     logging.basicConfig(level=level, format=fmt)
     for quiet in QUIET_LOGGERS:
         logging.getLogger(quiet).setLevel(logging.DEBUG if level <= logging.DEBUG else max(level, logging.WARNING))
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    """argparse type of ``--shard i/N``: this machine's part ``i`` of ``N``, numbered from 0."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not int(m[1]) < int(m[2]):
+        raise argparse.ArgumentTypeError(f"expected i/N with 0 <= i < N (e.g. 0/8 ... 7/8), got {text!r}")
+    return int(m[1]), int(m[2])

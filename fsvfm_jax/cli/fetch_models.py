@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from fsvfm_jax.cli.common import setup_logging
 from fsvfm_jax.preprocess import assets
 
 
@@ -25,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.add_argument("--check", action="store_true", help="only report what is missing")
     args = p.parse_args(argv)
+    setup_logging()
     if args.check:
         miss = assets.missing(args.cache)
         print(json.dumps({"cache": str(assets.cache_dir(args.cache)), "missing": miss}))

@@ -31,6 +31,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fsvfm_jax.cli.common import setup_logging
+
 # photo -> faces in it, read off each photo by hand: (centre x, centre y, half size) px
 PHOTOS = {
     "astronaut.png": [(226, 122, 50)],
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--vis", action="store_true", help="also write overlays")
     p.add_argument("--cache", default=None, help="model/photo cache (default: $FSVFM_CACHE or ~/.cache/fsvfm_jax)")
     args = p.parse_args(argv)
+    setup_logging()
     if args.variants < 1:
         p.error("--variants must be >= 1")
 

@@ -21,11 +21,17 @@ Every source ends in exactly one status: written, no_face or unreadable (with th
 error). Sources in the journal as written/no_face are skipped on a rerun; unreadable
 ones are tried again. Outputs are written to a temporary name and renamed, so an
 interrupted run leaves no half file.
+
+Several machines: ``shard=(i, N)`` processes only the sources `shard_of` gives to shard i
+(a stable hash of the output name), and names the report and journal
+``preprocess_report.shard-0000i-of-0000N.json`` etc., so the N output folders merge into one by
+plain copying, with no name in two of them (docs/preprocess.md, "Several machines").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -84,6 +90,34 @@ class Options:
 def _source_name(rel: str) -> str:
     stem = os.path.splitext(rel)[0]
     return stem.replace(os.sep, "__").replace("/", "__")
+
+
+def shard_of(rel: str, num_shards: int) -> int:
+    """The shard (0..num_shards-1) that preprocesses source ``rel`` (its path under the input folder).
+
+    A hash of the output name, not of a position in the listing: sources whose outputs would share
+    a name land on the same machine, and files added to the tree later move no other file.
+    """
+    digest = hashlib.sha256(_source_name(rel).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def shard_filename(name: str, shard: tuple[int, int] | None) -> str:
+    """``preprocess_report.json`` -> ``preprocess_report.shard-00002-of-00008.json`` for shard (2, 8)."""
+    if shard is None:
+        return name
+    stem, ext = os.path.splitext(name)
+    return f"{stem}.shard-{shard[0]:05d}-of-{shard[1]:05d}{ext}"
+
+
+def check_shard(shard) -> tuple[int, int] | None:
+    """``None`` or ``(index, count)`` with ``0 <= index < count``; anything else is a ValueError."""
+    if shard is None:
+        return None
+    index, count = (int(v) for v in shard)
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= index < count (shards are numbered from 0)")
+    return index, count
 
 
 def discover(root) -> tuple[list[tuple[str, str]], list[str]]:
@@ -302,22 +336,29 @@ def _read_journal(path: Path) -> dict:
 
 def run(input_dir, out, backend: str = "mediapipe", workers: int = 1, frames: int = 16,
         scale: float = 1.3, all_faces: bool = False, vis: bool = False,
-        backend_kwargs: dict | None = None, progress: bool = True) -> dict:
+        backend_kwargs: dict | None = None, progress: bool = True,
+        shard: tuple[int, int] | None = None) -> dict:
     """Preprocess every image/video under ``input_dir`` into ``out``; returns the report.
 
-    workers: processes (0 = in this process). Raises only for problems with the run
-    itself (missing input folder, backend unavailable); per-file problems are counted.
+    workers: processes (0 = in this process). shard: ``(i, N)`` to do only this machine's part
+    (module docstring). Raises only for problems with the run itself (missing input folder,
+    backend unavailable, bad shard); per-file problems are counted.
     """
     from fsvfm_jax.preprocess.backends import get_backend
 
     t0 = time.time()
+    shard = check_shard(shard)
     out = Path(out)
     for sub in ("images", "parsing_maps") + (("vis_parsing_maps",) if vis else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     opts = Options(str(out), backend, tuple(sorted((backend_kwargs or {}).items())), frames,
                    scale, all_faces, vis)
     items, ignored = discover(input_dir)
-    journal_path = out / JOURNAL
+    in_tree = len(items)
+    if shard is not None:
+        items = [(rel, kind) for rel, kind in items if shard_of(rel, shard[1]) == shard[0]]
+        ignored = [rel for rel in ignored if shard_of(rel, shard[1]) == shard[0]]
+    journal_path = out / shard_filename(JOURNAL, shard)
     previous = _read_journal(journal_path)
     todo = [(str(input_dir), rel, kind, opts) for rel, kind in items
             if previous.get(rel, {}).get("status") not in ("written", "no_face")]
@@ -351,7 +392,9 @@ def run(input_dir, out, backend: str = "mediapipe", workers: int = 1, frames: in
             prog.update(len(todo), counts, final=True)
 
     report = make_report(input_dir, out, opts, items, ignored, results, skipped, time.time() - t0)
-    _atomic_write(out / REPORT, lambda p: p.write_text(json.dumps(report, indent=1)), out)
+    if shard is not None:
+        report["shard"] = {"index": shard[0], "count": shard[1], "sources_in_tree": in_tree}
+    _atomic_write(out / shard_filename(REPORT, shard), lambda p: p.write_text(json.dumps(report, indent=1)), out)
     return report
 
 
