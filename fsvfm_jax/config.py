@@ -82,3 +82,98 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     return c
+
+
+# Published fine-tuning recipes (docs/downstream.md, "Recipes"): per task and size,
+# (base_lr, layer_decay, weight_decay); 2 GPUs x 32 = batch 64, 10 epochs, 5 of them warmup.
+FINETUNE_RECIPES = {
+    ("dfd", "small"): (2e-4, 0.65, 0.03), ("dfd", "base"): (2e-4, 0.60, 0.03), ("dfd", "large"): (5e-5, 0.90, 0.01),
+    ("diff", "small"): (5e-5, 0.95, 0.05), ("diff", "base"): (5e-5, 0.90, 0.03), ("diff", "large"): (5e-5, 0.90, 0.05),
+}
+# FS-Adapter (DfD/DiFF): (global batch, epochs, base_lr, weight_cl); wd 0 and layer decay 0.
+ADAPTER_RECIPES = {
+    ("dfd", "small"): (512, 60, 1e-3, 0.01), ("dfd", "base"): (256, 50, 5e-3, 0.01), ("dfd", "large"): (256, 50, 1e-2, 0.1),
+    ("diff", "small"): (256, 60, 1e-2, 0.01), ("diff", "base"): (256, 50, 1e-2, 0.05), ("diff", "large"): (1024, 50, 5e-3, 0.1),
+}
+
+
+def finetune_config(size: str = "base", task: str = "dfd", adapter: bool = False) -> ml_collections.ConfigDict:
+    """The published DfD/DiFF fine-tuning recipe for ``size`` (full, or FS-Adapter on a frozen
+    backbone). Data paths and the starting checkpoint come from the command line."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = size
+    c.model.img_size = 224
+    c.model.num_classes = 2
+    c.model.global_pool = True
+    c.model.drop_path = 0.1
+    c.model.head = "fs_adapter" if adapter else "linear"
+    c.model.adapter_reduction = 4
+    c.model.embedder = False  # the published FAS head (embedder + normalised classifier)
+    c.model.dtype = "float32"
+    c.model.remat = False
+
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ""  # our workdir (or its checkpoints/<step>), an imported workdir, a .pth or timm export
+    c.init.step = 0  # a workdir's step; 0 = its latest
+    c.init.random = False  # no checkpoint: a randomly initialised ViT (a baseline)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = ""  # ROOT/{train,val,test}/<class>/ images
+    c.data.train = ""  # or list files (override the root's splits)
+    c.data.val = ""
+    c.data.test = ()  # extra test sets: roots (their test/ split) or list files
+    c.data.class_map = {"real*": 1, "fake*": 0}  # class name patterns -> label; real = 1
+    c.data.video_sep = "_frame_"
+    c.data.mean_std_file = ""  # default: the checkpoint's pretrain_ds_mean_std.txt
+    c.data.skip_bad = False
+    c.data.worker_count = 0
+    c.data.read_threads = 2
+    c.data.val_resize = "center_crop"  # published validation: Resize(256) + CenterCrop(224)
+    c.data.test_resize = "resize"  # published test scripts: Resize((224, 224))
+
+    c.aug = ml_collections.ConfigDict()
+    c.aug.kind = "timm"  # RandomResizedCrop + flip + RandAugment m9 + random erasing; "fas"; "none"
+    c.aug.rand_augment_ops = 2
+    c.aug.magnitude = 9.0
+    c.aug.magnitude_std = 0.5
+    c.aug.reprob = 0.25
+
+    c.mixup = ml_collections.ConfigDict()
+    c.mixup.mixup_alpha = 0.8
+    c.mixup.cutmix_alpha = 1.0
+    c.mixup.prob = 1.0
+    c.mixup.switch_prob = 0.5
+    c.smoothing = 0.1
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.weight_cl = 0.0
+    c.loss.temperature = 0.07
+
+    c.optimizer = "adamw"  # "adam": the FAS recipe (L2 decay in the gradient, no layer decay)
+    c.global_batch_size = 64
+    c.accum_steps = 1
+    c.epochs = 10
+    c.warmup_epochs = 5
+    c.total_steps = 0  # > 0 overrides epochs
+    c.schedule = "cosine"  # "constant": the FAS recipe
+    c.base_lr, c.layer_decay, c.weight_decay = FINETUNE_RECIPES.get((task, size), (2e-4, 0.65, 0.03))
+    c.lr = 0.0  # > 0: absolute lr, overrides base_lr * batch / 256
+    c.min_lr = 1e-6
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.clip_grad = 0.0
+    if adapter:
+        c.global_batch_size, c.epochs, c.base_lr, c.loss.weight_cl = ADAPTER_RECIPES.get((task, size), (256, 50, 5e-3, 0.1))
+        c.weight_decay, c.layer_decay = 0.0, 0.0
+
+    c.eval_every_steps = 0  # 0: once per epoch (model selection on the lowest validation loss)
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.fsdp_min_size = 2**16
+    c.log_every_steps = 20
+    c.keep_checkpoints = 2
+    return c

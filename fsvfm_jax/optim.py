@@ -80,3 +80,67 @@ def ema_update(target, online, momentum):
     """``target <- m * target + (1 - m) * online`` for every leaf the target holds."""
     shared = {k: online[k] for k in target}
     return jax.tree.map(lambda t, o: (momentum * t + (1.0 - momentum) * o).astype(t.dtype), target, shared)
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------
+
+FINETUNE_NO_DECAY = ("pos_embed", "cls_token")  # timm's no_weight_decay(), beside every 1-D leaf
+
+
+def vit_layer_id(path: str, depth: int) -> int:
+    """The published layer id of a classifier leaf (BEiT's rule): 0 for ``cls_token``,
+    ``pos_embed`` and ``patch_embed/*``; ``i + 1`` for ``blocks_i/*``; ``depth + 1`` for the rest
+    (fc_norm, head, adapter, ...). ``path`` is ``'/'``-joined (``'blocks_3/attn/qkv/kernel'``)."""
+    top = path.split("/")[0]
+    if top in ("cls_token", "pos_embed", "patch_embed"):
+        return 0
+    if top.startswith("blocks_"):
+        return int(top.split("_")[1]) + 1
+    return depth + 1
+
+
+def _path_tree(params):
+    return jax.tree_util.tree_map_with_path(lambda p, _: "/".join(k.key for k in p), params)
+
+
+def layer_decay_scales(params, depth: int, layer_decay: float):
+    """Per-leaf lr scale ``layer_decay ** (depth + 1 - layer_id)`` (``0 ** 0 = 1`` for the head)."""
+    return jax.tree.map(lambda p: float(layer_decay ** (depth + 1 - vit_layer_id(p, depth))), _path_tree(params))
+
+
+def finetune_decay_mask(params):
+    """Weight decay on every leaf except 1-D ones and ``pos_embed`` / ``cls_token``."""
+    return jax.tree.map(lambda p, x: x.ndim > 1 and p.split("/")[0] not in FINETUNE_NO_DECAY,
+                        _path_tree(params), params)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+    """Multiply each update by its own constant (a tree shaped like the params)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_finetune_optimizer(lr: Callable | float, params, *, depth: int, weight_decay: float = 0.05,
+                            layer_decay: float = 0.75, kind: str = "adamw", b1: float = 0.9, b2: float = 0.999,
+                            eps: float = 1e-8, clip_grad: float | None = None) -> optax.GradientTransformation:
+    """The published fine-tuning optimizers for the trainable ``params`` tree.
+
+    ``adamw`` (DfD/DiFF): torch AdamW per parameter group, i.e. the update
+    ``-lr * scale * (adam + wd * p)`` with the layer-decay ``scale`` and decay on
+    `finetune_decay_mask` leaves only. ``adam`` (FAS): torch Adam with L2 decay added to the
+    gradient of every leaf, no layer decay.
+    """
+    parts = [clip_by_global_norm_torch(clip_grad)] if clip_grad else []
+    if kind == "adamw":
+        parts += [optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=finetune_decay_mask),
+                  scale_by_tree(layer_decay_scales(params, depth, layer_decay))]
+    elif kind == "adam":
+        parts += [optax.add_decayed_weights(weight_decay), optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                  optax.scale_by_learning_rate(lr)]
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'adam', got {kind!r}")
+    return optax.chain(*parts)

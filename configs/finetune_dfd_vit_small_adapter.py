@@ -1,0 +1,7 @@
+"""FS-Adapter on a frozen FS-VFM ViT-S/16 for DfD (cross-dataset deepfake detection, trained on FF++ c23): the published recipe (docs/downstream.md)."""
+
+from fsvfm_jax.config import finetune_config
+
+
+def get_config():
+    return finetune_config("small", "dfd", adapter=True)

@@ -1,0 +1,7 @@
+"""FS-Adapter on a frozen FS-VFM ViT-L/16 for DiFF (unseen diffusion forgeries, trained on FF++ DeepFakes): the published recipe (docs/downstream.md)."""
+
+from fsvfm_jax.config import finetune_config
+
+
+def get_config():
+    return finetune_config("large", "diff", adapter=True)

@@ -1,0 +1,48 @@
+"""Fine-tune a pretrained FS-VFM encoder for deepfake / diffusion-forgery / spoof detection.
+
+    fsvfm-finetune --config configs/finetune_dfd_vit_base.py --workdir runs/ft_b \
+        --config.init.checkpoint=runs/vit_b --config.data.root=/data/FF++_c23_32f \
+        --config.data.test=/data/CDFv2/32_frames,/data/DFDC/32_frames
+
+Any config field can be overridden with ``--config.<field>=<value>``; ``--resume`` continues a
+stopped run. The workdir receives checkpoints, ``metrics.jsonl``, the selected (lowest validation
+loss) model, per test set ``predictions_<name>.jsonl`` and ``results.json`` (docs/downstream.md).
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "path to a configs/finetune_*.py file", lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, predictions and logs")
+flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --workdir")
+flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize() first")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if flags.FLAGS.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    from fsvfm_jax.train.finetune import finetune
+
+    try:
+        finetune(flags.FLAGS.config, flags.FLAGS.workdir, resume=flags.FLAGS.resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        logging.error("%s", err)
+        sys.exit(f"error: {err}")
+
+
+def main():
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()

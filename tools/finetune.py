@@ -1,0 +1,6 @@
+"""Fine-tune a pretrained encoder: see fsvfm_jax/cli/finetune.py."""
+
+from fsvfm_jax.cli.finetune import main
+
+if __name__ == "__main__":
+    main()
