@@ -128,6 +128,7 @@ def finetune_config(size: str = "base", task: str = "dfd", adapter: bool = False
     c.data.class_map = {"real*": 1, "fake*": 0}  # class name patterns -> label; real = 1
     c.data.video_sep = "_frame_"
     c.data.mean_std_file = ""  # default: the checkpoint's pretrain_ds_mean_std.txt
+    c.data.normalize = ""  # "vggface2" / "imagenet": the published constants instead
     c.data.skip_bad = False
     c.data.worker_count = 0
     c.data.read_threads = 2

@@ -163,7 +163,7 @@ def test_finetune_end_to_end_select_predict_resume(tmp_path):
     c.data.root = str(tmp_path / "data")
     c.global_batch_size, c.epochs, c.warmup_epochs, c.log_every_steps = 4, 2, 1, 1
     c.base_lr = 1e-2
-    c.data.mean_std_file = ""
+    c.data.normalize = "vggface2"
     results = finetune(c, tmp_path / "run")
     assert results["selection"] == "min val loss" and results["selected_step"] in (3, 6)
     pred = read_predictions(tmp_path / "run" / "predictions_test.jsonl")

@@ -1,6 +1,8 @@
 """Fine-tune a pretrained encoder: see fsvfm_jax/cli/finetune.py."""
 
+import sys
+
 from fsvfm_jax.cli.finetune import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

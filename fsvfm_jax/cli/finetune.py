@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained FS-VFM encoder for deepfake / diffusion-forgery / spoof detection.
+r"""Fine-tune a pretrained FS-VFM encoder for deepfake / diffusion-forgery / spoof detection.
 
     fsvfm-finetune --config configs/finetune_dfd_vit_base.py --workdir runs/ft_b \
         --config.init.checkpoint=runs/vit_b --config.data.root=/data/FF++_c23_32f \
@@ -15,6 +15,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from fsvfm_jax.cli.common import setup_logging
+
 config_flags.DEFINE_config_file("config", None, "path to a configs/finetune_*.py file", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, predictions and logs")
 flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --workdir")
@@ -22,11 +24,10 @@ flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initia
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _main(argv):
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _run(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (config fields are set with --config.<field>=<value>)")
+    setup_logging(timestamps=True)
     if flags.FLAGS.distributed:
         import jax
 
@@ -40,8 +41,12 @@ def _main(argv):
         sys.exit(f"error: {err}")
 
 
-def main():
-    app.run(_main)
+def main(argv=None):
+    argv = sys.argv if argv is None else argv
+    if any(a in ("-h", "-?", "--help", "--helpshort") for a in argv[1:]):
+        print(__doc__ + flags.FLAGS.module_help(__name__))
+        return 0
+    app.run(_run, argv=argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from fsvfm_jax.cli.common import setup_logging
 
 SPLIT_BY_PHOTO = {"group6": "train", "aligned_face": "val", "astronaut": "test", "camera": "test"}
 
@@ -86,9 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(timestamps=True)
     from fsvfm_jax.train.finetune import finetune
 
     out = Path(args.out)

@@ -165,13 +165,15 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: 
     else:
         raise ValueError("no starting point: set --config.init.checkpoint (a workdir, .pth or timm export), "
                          "or --config.init.random=True for a from-scratch baseline")
-    if config.data.mean_std_file:
+    if config.data.normalize:
+        mean, std = stats.PUBLISHED_MEAN_STD[config.data.normalize]
+    elif config.data.mean_std_file:
         mean, std = stats.read_mean_std(config.data.mean_std_file)
     elif ckpt_mean_std is not None:
         mean, std = ckpt_mean_std
     else:
-        log.warning("no mean/std beside the checkpoint and no data.mean_std_file: using the published VGGFace2 values")
-        mean, std = stats.VGGFACE2_MEAN, stats.VGGFACE2_STD
+        raise ValueError("no mean/std: the checkpoint has no pretrain_ds_mean_std.txt beside it; pass "
+                         "--config.data.mean_std_file, or --config.data.normalize=vggface2 (or imagenet)")
     if jax.process_index() == 0:
         stats.write_mean_std(workdir / stats.MEAN_STD_FILENAME, mean, std)
 
