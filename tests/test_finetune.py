@@ -185,6 +185,7 @@ def test_finetune_end_to_end_select_predict_resume(tmp_path):
                 assert a[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
+@pytest.mark.slow  # ~60-90 s on 2 cores: 4 compiles of the step in a fresh 8-device process
 def test_fsdp_on_8_devices_gives_the_single_device_loss():
     here = os.path.dirname(__file__)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
