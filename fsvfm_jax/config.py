@@ -28,6 +28,11 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.roots = ()  # one or more dataset roots in the published layout
+    # Instead of roots: "tfds:NAME" (e.g. tfds:fsvfm_faces/vggface2, built by fsvfm-to-tfds) from
+    # tfds_data_dir (local or gs://), read through tfds.data_source (docs/data.md, "TFDS datasets")
+    c.data.source = ""
+    c.data.tfds_data_dir = ""
+    c.data.tfds_split = "train"
     c.data.mean_std_file = ""  # pretrain_ds_mean_std.txt; empty: <first root>/pretrain_ds_mean_std.txt
     # "dataset": the stats file (tools/stats.py), an error when missing; "vggface2" / "imagenet": the
     # published constants ("imagenet" is the published --normalize_from_IMN)

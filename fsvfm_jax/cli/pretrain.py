@@ -35,7 +35,7 @@ def _run(argv):
         jax.distributed.initialize()
     try:
         train(flags.FLAGS.config, flags.FLAGS.workdir, resume=flags.FLAGS.resume)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         logging.error("%s", err)
         sys.exit(f"error: {err}")
 

@@ -86,24 +86,37 @@ def _mean_std(config, workdir: Path, resume: bool):
     candidates = [Path(config.data.mean_std_file)] if config.data.mean_std_file else []
     if resume:
         candidates.append(own)
-    candidates.append(Path(config.data.roots[0]) / stats.MEAN_STD_FILENAME)
+    if config.data.roots:
+        candidates.append(Path(config.data.roots[0]) / stats.MEAN_STD_FILENAME)
     for path in candidates:
         if path.is_file():
             if jax.process_index() == 0 and path.resolve() != own.resolve():
                 shutil.copyfile(path, own)
             return stats.read_mean_std(path)
-    roots = " ".join(map(str, config.data.roots))
+    roots = " ".join(map(str, config.data.roots)) or "ROOT"
     raise FileNotFoundError(
-        f"no dataset statistics ({', '.join(map(str, candidates))} not found): compute them with "
-        f"`python tools/stats.py {roots} --out {config.data.roots[0]}`, or normalise with published "
+        f"no dataset statistics ({', '.join(map(str, candidates)) or 'no data.mean_std_file'}): compute them with "
+        f"`python tools/stats.py {roots} --out {config.data.roots[0] if config.data.roots else 'FILE'}` (for a "
+        "tfds: source, from its folders, then --config.data.mean_std_file=FILE), or normalise with published "
         "constants: --config.data.normalize=vggface2 (or imagenet, the published --normalize_from_IMN)")
+
+
+def pretraining_records(config: ml_collections.ConfigDict):
+    """What the pipeline reads: the dataset roots, or a TFDS source for ``data.source="tfds:NAME"``."""
+    if bool(config.data.roots) == bool(config.data.source):
+        raise ValueError("give either config.data.roots (dataset roots, --config.data.roots=...) or "
+                         "config.data.source (tfds:NAME), not " + ("both" if config.data.roots else "neither"))
+    if config.data.source:
+        from fsvfm_jax.data.tfds_faces import TfdsSource  # needs the [tfds] extra
+
+        return TfdsSource(config.data.source, config.data.tfds_data_dir, config.data.tfds_split)
+    return list(config.data.roots)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False) -> dict:
     """Run (or resume) pretraining; returns the last logged metrics."""
     workdir = Path(workdir)
-    if not config.data.roots:
-        raise ValueError("config.data.roots is empty: give one or more dataset roots (--config.data.roots=...)")
+    records = pretraining_records(config)
     _setup_workdir(workdir, config, resume)
     if config.model.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", config.model.matmul_precision)
@@ -119,7 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     # --- input pipeline ----------------------------------------------------------------------
     mcfg = model_config(config)
     data = make_pretrain_dataset(
-        list(config.data.roots), batch_size=config.global_batch_size // jax.process_count(),
+        records, batch_size=config.global_batch_size // jax.process_count(),
         image_size=mcfg.img_size, patch_size=mcfg.patch_size, mask_ratio=config.data.mask_ratio,
         mask_strategy=config.data.mask_strategy, region_block=config.data.region_block,
         simple_augment=config.data.simple_augment, seed=config.seed, worker_count=config.data.worker_count,
