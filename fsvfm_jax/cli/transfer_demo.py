@@ -58,7 +58,7 @@ def build_split(data_root: Path, out: Path, seed: int = 0) -> dict:
     return counts
 
 
-def demo_config(data: Path, steps: int, batch: int):
+def demo_config(data: Path, steps: int, batch: int, lr: float = 0.0):
     from fsvfm_jax.config import finetune_config
 
     c = finetune_config("tiny")
@@ -67,6 +67,7 @@ def demo_config(data: Path, steps: int, batch: int):
     c.total_steps = steps
     c.warmup_epochs = 1
     c.base_lr = 1e-3
+    c.lr = lr  # > 0: absolute lr instead of base_lr * batch / 256
     c.layer_decay = 0.75
     c.weight_decay = 0.05
     c.aug.kind = "fas"  # flip + colour jitter: keeps the blending traces a 300-face demo must learn
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.0, help="absolute peak lr (default: 1e-3 * batch / 256)")
     args = p.parse_args(argv)
     setup_logging(timestamps=True)
     from fsvfm_jax.train.finetune import finetune
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     print(f"pseudo-fake split by source photo: {counts} images (half real, half self-blended)", flush=True)
     results = {"split": counts, "split_by_photo": SPLIT_BY_PHOTO, "steps": args.steps, "batch": args.batch}
     for name in ("pretrained", "random_init"):
-        c = demo_config(out / "data", args.steps, args.batch)
+        c = demo_config(out / "data", args.steps, args.batch, args.lr)
         c.seed = args.seed
         if name == "pretrained":
             c.init.checkpoint = str(args.pretrained)
