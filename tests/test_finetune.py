@@ -151,6 +151,25 @@ def test_wrong_size_checkpoint_is_an_error(tmp_path):
         load_pretrained_encoder(tmp_path / "pre", ClassifierConfig(size="small", img_size=32))
 
 
+def test_starts_from_a_timm_export_folder(tmp_path):
+    """``fsvfm-export --to timm`` writes a folder; fine-tuning takes the folder and its mean/std."""
+    from fsvfm_jax.convert.fsfm_layout import flatten
+    from fsvfm_jax.convert.timm_export import write_timm_export
+    from fsvfm_jax.models.fsfm import fsfm_config, init_params
+    from fsvfm_jax.train.finetune import load_pretrained_encoder
+
+    cfg = fsfm_config("tiny", img_size=32)
+    shapes, _ = jax.eval_shape(lambda: init_params(cfg, jax.random.key(1)))  # no compile: random values below
+    rng = np.random.default_rng(1)
+    online = jax.tree.map(lambda v: rng.standard_normal(v.shape).astype(np.float32), shapes)
+    mean_std = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    write_timm_export(tmp_path / "export", online["encoder"], cfg, "tiny", mean_std=mean_std)
+    enc, got = load_pretrained_encoder(tmp_path / "export", ClassifierConfig(size="tiny", img_size=32))
+    assert got == mean_std
+    mine, back = flatten(online["encoder"]), flatten(enc)
+    assert all(np.array_equal(np.asarray(mine[k]), back[k]) for k in back if k in mine and not k.startswith("norm/"))
+
+
 def test_finetune_end_to_end_select_predict_resume(tmp_path):
     from fsvfm_jax.config import finetune_config
     from fsvfm_jax.metrics import read_predictions

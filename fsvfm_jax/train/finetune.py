@@ -43,15 +43,17 @@ def load_pretrained_encoder(path: str | Path, cfg: ClassifierConfig, step: int |
     """Encoder weights to start from, from any source, and the mean/std stored beside them.
 
     ``path``: our pretraining workdir (or ``checkpoints/<step>``; also what ``tools/import_fsfm.py``
-    writes), a published FSFM/FS-VFM ``.pth``, or a timm export (``.safetensors``/``.pth``). The
+    writes), a published FSFM/FS-VFM ``.pth``, or a timm export (its folder, or ``.safetensors``/``.pth``). The
     size must be ``cfg.size`` (else an error naming both); the position table is resampled to
     ``cfg.img_size``. Returns ``(encoder tree, (mean, std) | None)``.
     """
-    from fsvfm_jax.convert.timm_export import encoder_to_timm, load_encoder_for_finetune
+    from fsvfm_jax.convert.timm_export import TIMM_WEIGHTS, encoder_to_timm, load_encoder_for_finetune
     from fsvfm_jax.convert.train_state import read_train_state
 
     path = Path(path)
     pool = "avg" if cfg.global_pool else "token"
+    if path.is_dir() and (path / TIMM_WEIGHTS).is_file():  # a timm model folder (fsvfm-export --to timm)
+        path = path / TIMM_WEIGHTS
     if path.is_dir():
         state = read_train_state(path, step)
         sd = encoder_to_timm(state.params["encoder"], state.cfg, pool="token")  # keeps the pretrained norm
