@@ -1,12 +1,21 @@
-"""Evaluate predictions with the field's metrics (docs/evaluation.md).
+"""Evaluate predictions with the field's metrics, or probe frozen encoders (docs/evaluation.md).
 
     fsvfm-evaluate TEST.jsonl [--val VAL.jsonl] --out DIR [--fpr 1e-2,1e-3] [--score-means real|fake]
+    fsvfm-evaluate --probe SOURCE --data ROOT --out DIR [--steps latest|all|1000,2000] [--k 20]
+    fsvfm-evaluate --probe SOURCE --train LIST --test LIST [--val LIST] --out DIR
 
-Reads a predictions file (JSON lines or CSV: ``path``/``name``, ``label`` with real = 1, ``score``
-= P(real), optional ``video``), and optionally the validation predictions whose EER threshold the
-HTER/ACER are measured at. Writes ``DIR/metrics.json`` (frame and video level: AUC, EER,
-TPR@FPR, APCER/BPCER/ACER/HTER and balanced accuracy at 0.5 and at the validation threshold, and
-the published FAS variant labelled as such) and ``DIR/roc.png``; prints a summary.
+Predictions: reads a predictions file (JSON lines or CSV: ``path``/``name``, ``label`` with
+real = 1, ``score`` = P(real), optional ``video``), and optionally the validation predictions whose
+EER threshold the HTER/ACER are measured at. Writes ``DIR/metrics.json`` (frame and video level:
+AUC, EER, TPR@FPR, APCER/BPCER/ACER/HTER and balanced accuracy at 0.5 and at the validation
+threshold, and the published FAS variant labelled as such) and ``DIR/roc.png``.
+
+Probe: SOURCE is a pretraining workdir (``--steps``: every checkpoint or a list), an imported
+published checkpoint, a published/exported ``.pth`` or a timm export. Features of the labelled
+train/test (and val) splits are extracted once per checkpoint; a logistic-regression probe and a
+weighted k-NN are fitted on train and scored on test. Appends one JSON line per checkpoint to
+``DIR/probe.jsonl``. ``--data ROOT`` reads ``ROOT/{train,val,test}/<class>/`` (val optional: else
+20% of the training videos are held out); ``--train/--val/--test`` take list files or roots.
 """
 
 from __future__ import annotations
@@ -21,28 +30,75 @@ import numpy as np
 from fsvfm_jax import metrics
 
 
-def _fpr_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of numbers, e.g. 1e-2,1e-3") from None
-    if not values or any(not 0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: FPR targets must lie in (0, 1)")
-    return values
+def _number_list(low: float, high: float):
+    """argparse type: a comma list of numbers in the open interval (low, high)."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of numbers, e.g. 1e-2,1e-3") from None
+        if not values or any(not low < v < high for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: values must lie in ({low:g}, {high:g})")
+        return values
+
+    return parse
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="fsvfm-evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("predictions", help="test predictions (.jsonl or .csv)")
-    p.add_argument("--val", default=None, help="validation predictions: the HTER threshold is their EER threshold")
-    p.add_argument("--out", required=True, help="output folder (metrics.json, roc.png)")
-    p.add_argument("--fpr", type=_fpr_list, default=metrics.DEFAULT_FPR_TARGETS,
+    p.add_argument("predictions", nargs="?", help="test predictions (.jsonl or .csv)")
+    p.add_argument("--val", default=None, help="validation predictions (or, with --probe, the validation split): "
+                   "the HTER threshold is their EER threshold")
+    p.add_argument("--out", required=True, help="output folder (metrics.json + roc.png, or probe.jsonl)")
+    p.add_argument("--fpr", type=_number_list(0, 1), default=metrics.DEFAULT_FPR_TARGETS,
                    help="comma list of FPR targets for TPR@FPR (default 1e-2,1e-3)")
     p.add_argument("--score-means", choices=("real", "fake"), default="real",
                    help="what the score column is the probability of (fake: scores become 1 - score)")
-    return p.parse_args(argv)
+    q = p.add_argument_group("probe")
+    q.add_argument("--probe", metavar="SOURCE", default=None,
+                   help="workdir, imported checkpoint workdir, FSFM .pth or timm export to probe")
+    q.add_argument("--data", default=None, help="dataset root with train/ test/ (and val/) class folders")
+    q.add_argument("--train", default=None, help="training split: list file or dataset root (its train/)")
+    q.add_argument("--test", default=None, help="test split: list file or dataset root (its test/)")
+    q.add_argument("--class-map", default=None, help='JSON class map, e.g. \'{"real*": 1, "fake*": 0}\' (real = 1)')
+    q.add_argument("--steps", default="latest", help="workdir checkpoints: latest, all, or a comma list")
+    q.add_argument("--encoder", choices=("online", "target"), default="online", help="workdir network to probe")
+    q.add_argument("--pool", choices=("avg", "token"), default="avg",
+                   help="feature: fc_norm(mean patch token) as the published fine-tuning, or norm(cls token)")
+    q.add_argument("--size", default=None, help="expected model size (a checkpoint of another size is an error)")
+    q.add_argument("--mean-std", default=None, help="pretrain_ds_mean_std.txt (default: the one beside SOURCE)")
+    q.add_argument("--k", type=int, default=20, help="k-NN neighbours")
+    q.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(cos / T)")
+    q.add_argument("--wd-grid", type=_number_list(0, float("inf")), default=None, help="logistic-regression weight decays to try "
+                   "(default 1e-6,1e-5,...,1)")
+    q.add_argument("--lbfgs-steps", type=int, default=300, help="L-BFGS steps at most, per weight decay")
+    q.add_argument("--val-fraction", type=float, default=0.2, help="share of training videos held out when no val split")
+    q.add_argument("--batch-size", type=int, default=64, help="global batch for feature extraction")
+    q.add_argument("--eval-resize", choices=("resize", "center_crop"), default="resize",
+                   help="resize: straight to the input size; center_crop: shorter side to size/0.875, centre crop")
+    q.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (counted) instead of failing")
+    q.add_argument("--workers", type=int, default=0, help="image decoding worker processes")
+    q.add_argument("--mesh-fsdp", type=int, default=1, help="fsdp axis of the mesh (the rest is data)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the held-out validation split")
+    q.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize() first")
+    args = p.parse_args(argv)
+    if args.probe is None:
+        if args.predictions is None:
+            p.error("give a predictions file, or --probe SOURCE")
+        stray = [f"--{n}" for n in ("data", "train", "test") if getattr(args, n)]
+        if stray:
+            p.error(f"{', '.join(stray)} only apply with --probe")
+    else:
+        if args.predictions is not None:
+            p.error("give either a predictions file or --probe, not both")
+        if args.data is None and (args.train is None or args.test is None):
+            p.error("--probe needs --data ROOT, or --train and --test")
+        if args.k < 1 or args.batch_size < 1 or not 0 < args.val_fraction < 1:
+            p.error("--k and --batch-size must be positive, --val-fraction in (0, 1)")
+    return args
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float, float]], path: Path, title: str) -> Path:
@@ -116,11 +172,86 @@ def run(args) -> dict:
     return result
 
 
+def _splits(args, class_map):
+    from fsvfm_jax.data import labeled
+
+    def open_one(spec, split):
+        return labeled.open_split(spec, split, class_map) if spec else None
+
+    root = args.data
+    val_spec = args.val or (root if root and (Path(root) / "val").is_dir() else None)
+    return (open_one(args.train or root, "train"), open_one(val_spec, "val"), open_one(args.test or root, "test"))
+
+
+def run_probe(args) -> list[dict]:
+    """One JSON line per checkpoint in ``DIR/probe.jsonl`` (appended, process 0 only)."""
+    import time
+
+    import jax
+
+    from fsvfm_jax import probe, sharding
+    from fsvfm_jax.cli.common import setup_logging
+    from fsvfm_jax.data.labeled import DEFAULT_CLASS_MAP
+    from fsvfm_jax.data.stats import read_mean_std
+
+    setup_logging(timestamps=True)
+    if args.distributed:
+        jax.distributed.initialize()
+    try:
+        class_map = json.loads(args.class_map) if args.class_map else DEFAULT_CLASS_MAP
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--class-map {args.class_map!r}: not JSON ({err})") from None
+    if args.mean_std and not Path(args.mean_std).is_file():
+        raise FileNotFoundError(f"--mean-std {args.mean_std}: no such file")
+    mean_std = read_mean_std(args.mean_std) if args.mean_std else None
+    train, val, test = _splits(args, class_map)
+    mesh = sharding.make_mesh(-1, args.mesh_fsdp)
+    if args.batch_size % mesh.size:
+        raise ValueError(f"--batch-size {args.batch_size} does not divide over the {mesh.size} devices")
+    source = Path(args.probe)
+    steps = probe.workdir_steps(source, args.steps) if probe.is_workdir(source) else [None]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step in steps:
+        t0 = time.perf_counter()
+        enc = probe.load_encoder(source, step=step, which=args.encoder, pool=args.pool, expected_size=args.size,
+                                 mean_std=mean_std)
+        apply = probe.encoder_apply(enc, mesh)
+        kw = dict(global_batch=args.batch_size, eval_resize=args.eval_resize, skip_bad=args.skip_bad,
+                  worker_count=args.workers, apply=apply)
+        feats = {name: probe.features_of(enc, split, mesh, **kw) for name, split in
+                 (("train", train), ("val", val), ("test", test)) if split is not None}
+        t1 = time.perf_counter()
+        result = probe.probe(feats["train"], feats["test"], feats.get("val"), k=args.k, temperature=args.temperature,
+                             wd_grid=args.wd_grid or probe.DEFAULT_WD_GRID, steps=args.lbfgs_steps,
+                             val_fraction=args.val_fraction, seed=args.seed, fpr_targets=args.fpr)
+        line = {"source": str(source.resolve()), "step": enc.step, "size": enc.size, "img_size": enc.img_size,
+                "encoder": args.encoder, "pool": args.pool, "mean_std": enc.mean_std,
+                "data": {k: v.source for k, v in feats.items()},
+                "skipped_images": {k: v.skipped for k, v in feats.items()},
+                **result, "seconds": {"features": t1 - t0, **result["seconds"], "total": time.perf_counter() - t0}}
+        lines.append(line)
+        if jax.process_index() == 0:
+            with (out / "probe.jsonl").open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            video = lambda r: f" (video {100 * r['video']['auc']:.2f}%)" if r["video"] else ""
+            print(f"step {enc.step}: linear AUC {100 * line['linear']['frame']['auc']:.2f}%{video(line['linear'])} "
+                  f"wd {line['linear']['weight_decay']:g}  k-NN AUC {100 * line['knn']['frame']['auc']:.2f}%"
+                  f"{video(line['knn'])}  ({line['seconds']['total']:.1f} s)", flush=True)
+    if jax.process_index() == 0:
+        print(f"wrote {len(lines)} line(s) to {out / 'probe.jsonl'}")
+    return lines
+
+
 def main(argv=None) -> int:
+    from fsvfm_jax.convert.pth import CheckpointReadError
+    from fsvfm_jax.data.records import DataError
+
     args = parse_args(argv)
     try:
-        run(args)
-    except (ValueError, FileNotFoundError) as err:
+        run_probe(args) if args.probe else run(args)
+    except (ValueError, FileNotFoundError, DataError, CheckpointReadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
