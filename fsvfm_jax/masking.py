@@ -49,41 +49,16 @@ Fidelity notes on CRFR-P:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
+
+from fsvfm_jax.lapa import BACKGROUND, BOUNDARY_GROUP, HAIR, NUM_CHOOSABLE_GROUPS, NUM_LABELS, REGION_GROUPS, SKIN
 
 STRATEGIES = ("crfrp", "random", "fr", "crfr_r")
 REGION_CHOICES = ("batch", "sample")
 
-NUM_LABELS = 11  # LaPa labels of the FACER parser: 0 background ... 10 hair.
-
-
-class RegionGroup(NamedTuple):
-    """A CRFR-P region group: a patch belongs to it if any pixel carries one of ``labels``."""
-
-    name: str
-    labels: tuple[int, ...]
-
-
-REGION_GROUPS = (
-    RegionGroup("eyebrows", (2, 3)),
-    RegionGroup("eyes", (4, 5)),
-    RegionGroup("nose", (6,)),
-    RegionGroup("mouth", (7, 8, 9)),
-    # Special rule, not a label set: a patch with a hair-or-background pixel (10 or 0) AND a
-    # skin pixel (1).
-    RegionGroup("facial_boundary", ()),
-    RegionGroup("hair", (10,)),
-    RegionGroup("skin", (1,)),
-    RegionGroup("background", (0,)),
-)
-BOUNDARY_GROUP = 4
-NUM_CHOOSABLE_GROUPS = 6  # the published collate draws the covered region from groups 0-5 only
-
 _NUM_GROUPS = len(REGION_GROUPS)
-_HAIR_OR_BACKGROUND_BITS = (1 << 0) | (1 << 10)
-_SKIN_BITS = 1 << 1
+_HAIR_OR_BACKGROUND_BITS = (1 << BACKGROUND) | (1 << HAIR)
+_SKIN_BITS = 1 << SKIN
 
 
 def mask_ratio_to_counts(num_patches: int, mask_ratio: float) -> tuple[int, int]:

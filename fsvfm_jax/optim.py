@@ -20,24 +20,24 @@ def absolute_lr(base_lr: float, global_batch_size: int) -> float:
 
 
 def lr_schedule(peak_lr: float, warmup_steps: float, total_steps: int, min_lr: float = 0.0) -> Callable:
-    """Linear warmup from 0, then half-cosine to ``min_lr``; evaluated per optimizer step.
+    """Linear warmup from 0, then half-cosine to ``min_lr`` (held after ``total_steps``); evaluated
+    per optimizer step.
 
     The published schedule uses the fractional epoch ``step / steps_per_epoch``; with
     ``warmup_steps = warmup_epochs * steps_per_epoch`` this is the same function of the step.
+    A run shorter than its warmup never reaches the cosine.
     """
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = peak_lr * step / jnp.maximum(warmup_steps, 1e-12)
-        progress = (step - warmup_steps) / jnp.maximum(total_steps - warmup_steps, 1e-12)
-        cosine = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(step < warmup_steps, warm, cosine)
-
-    return schedule
+    if total_steps <= warmup_steps:
+        return optax.linear_schedule(0.0, peak_lr, warmup_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, total_steps, end_value=min_lr)
 
 
 def momentum_schedule(base: float, total_steps: int, final: float = 1.0) -> Callable:
-    """``m_i = final - (final - base) * (1 + cos(pi i / T)) / 2``: ``base`` at 0, -> ``final``."""
+    """``m_i = final - (final - base) * (1 + cos(pi i / T)) / 2``: ``base`` at 0, -> ``final``.
+
+    Hand-written: ``optax.cosine_decay_schedule`` ends at ``base * (final / base)``, which for
+    0.996 -> 1 rounds to 0.99999994 in float32 instead of exactly 1.
+    """
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -53,16 +53,15 @@ def decay_mask(params):
     return jax.tree.map(lambda x: x.ndim > 1, params)
 
 
-def global_norm(tree) -> jnp.ndarray:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
-    """``torch.nn.utils.clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``."""
+    """``torch.nn.utils.clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``.
+
+    Hand-written: ``optax.clip_by_global_norm`` scales by ``max_norm / norm`` (no ``1e-6``).
+    """
 
     def update(updates, state, params=None):
         del params
-        coef = jnp.minimum(1.0, max_norm / (global_norm(updates) + 1e-6))
+        coef = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
         return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -78,8 +77,7 @@ def make_optimizer(lr: Callable | float, *, weight_decay: float = 0.05, b1: floa
 
 def ema_update(target, online, momentum):
     """``target <- m * target + (1 - m) * online`` for every leaf the target holds."""
-    shared = {k: online[k] for k in target}
-    return jax.tree.map(lambda t, o: (momentum * t + (1.0 - momentum) * o).astype(t.dtype), target, shared)
+    return optax.incremental_update({k: online[k] for k in target}, target, 1.0 - momentum)
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ import numpy as np
 
 from fsvfm_jax.data.records import decode_record
 from fsvfm_jax.data.sources import open_source
-from fsvfm_jax.masking import REGION_GROUPS, STRATEGIES, draw_regions, make_masks
+from fsvfm_jax.lapa import REGION_GROUPS
+from fsvfm_jax.masking import STRATEGIES, draw_regions, make_masks
 from fsvfm_jax.preprocess.regions import colorize, legend
 
 MASK_GREY = (128, 128, 128)

@@ -19,8 +19,7 @@ from fsvfm_jax.convert.timm_export import (
     POOLS, TIMM_CONFIG, encoder_to_timm, load_encoder_for_finetune, pooled_features, write_timm_export,
 )
 from fsvfm_jax.data.stats import MEAN_STD_FILENAME, read_mean_std
-from fsvfm_jax.models.fsfm import fsfm_config
-from fsvfm_jax.models.vit import ViTEncoder
+from fsvfm_jax.models.fsfm import fsfm_config, vit_encoder
 
 torch = pytest.importorskip("torch", reason="timm parity needs the [torch] extra (pip install -e .[torch])")
 timm = pytest.importorskip("timm", reason="timm parity needs the [torch] extra (pip install -e .[torch])")
@@ -34,8 +33,7 @@ def pretrained_like_encoder(cfg, seed=0):
     """An encoder tree whose every leaf (LayerNorm scales and biases included) is non-trivial, so a
     swapped or missing norm, a transposed kernel or a wrong head split shows in the features.
     Shapes come from the module (abstractly); values are drawn here, so no init forward runs."""
-    enc = ViTEncoder(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                     depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
+    enc = vit_encoder(cfg)
     shapes = jax.eval_shape(lambda: enc.init(jax.random.key(0), jnp.zeros((1, cfg.img_size, cfg.img_size, 3)))["params"])
     rng = np.random.default_rng(seed)
 
@@ -69,8 +67,7 @@ def check_size(size, tmp_path, record_property):
     folders = write_timm_export(tmp_path, encoder, cfg, size, mean_std=MEAN_STD, pools=POOLS)
     assert folders == {pool: tmp_path / pool for pool in POOLS}
     images = images_for(cfg)
-    tokens = np.asarray(ViTEncoder(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                                   depth=cfg.depth, num_heads=cfg.num_heads).apply({"params": encoder}, images))
+    tokens = np.asarray(vit_encoder(cfg).apply({"params": encoder}, images))
     diffs = {}
     for pool in ("avg", "token"):
         ref, ref_tokens = timm_features(folders[pool], images)

@@ -28,8 +28,8 @@ from fsvfm_jax.convert.pth import CheckpointReadError
 from fsvfm_jax.convert.timm_export import load_encoder_for_finetune, pooled_features
 from fsvfm_jax.convert.train_state import read_train_state
 from fsvfm_jax.data.synthetic import write_synthetic_dataset
-from fsvfm_jax.models.fsfm import fsfm_config, init_params
-from fsvfm_jax.models.vit import ViTEncoder, sincos_pos_embed_2d
+from fsvfm_jax.models.fsfm import fsfm_config, init_params, vit_encoder
+from fsvfm_jax.models.vit import sincos_pos_embed_2d
 
 torch = pytest.importorskip("torch", reason="reference checkpoints are written with torch (pip install -e .[torch])")
 timm = pytest.importorskip("timm", reason="timm is the reference encoder (pip install -e .[torch])")
@@ -126,8 +126,7 @@ def test_timm_built_published_checkpoint_imports_to_timm_features(size, tmp_path
     assert imported.size == size and imported.epoch == 599 and imported.args.input_size == 224
     images = images_for(cfg)
     ref_tokens, ref_cls = timm_outputs(model, images)
-    enc = ViTEncoder(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                     depth=cfg.depth, num_heads=cfg.num_heads)
+    enc = vit_encoder(cfg)
     diffs = {}
     for which, tree in (("online", imported.online), ("target", imported.target)):
         tokens = np.asarray(enc.apply({"params": tree["encoder"]}, images))

@@ -11,6 +11,7 @@ import re
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from fsvfm_jax.models.fsfm import FSFMConfig, init_params
 from fsvfm_jax.models.vit import sincos_pos_embed_2d
@@ -58,22 +59,13 @@ def from_torch_layout(path: str, value: np.ndarray) -> np.ndarray:
 
 
 def flatten(tree) -> dict[str, np.ndarray]:
-    """Nested dict -> ``{'a/b/c': leaf}``."""
-    flat = {}
-    for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        flat["/".join(k.key for k in keys)] = leaf
-    return flat
+    """Nested dict -> ``{'a/b/c': leaf}``, the path form every converter and test uses."""
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: dict[str, np.ndarray]):
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return tree
+    """Inverse of `flatten`."""
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def position_tables(cfg: FSFMConfig, target: bool = False) -> dict[str, np.ndarray]:

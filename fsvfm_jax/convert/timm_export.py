@@ -36,8 +36,8 @@ from fsvfm_jax.convert.fsfm_checkpoint import (
 from fsvfm_jax.convert.pos_embed import resample_pos_embed
 from fsvfm_jax.convert.pth import load_pth, save_pth
 from fsvfm_jax.data.stats import MEAN_STD_FILENAME, write_mean_std
-from fsvfm_jax.models.fsfm import FSFMConfig, fsfm_config
-from fsvfm_jax.models.vit import VIT_LN_EPS, ViTEncoder, sincos_pos_embed_2d
+from fsvfm_jax.models.fsfm import FSFMConfig, fsfm_config, vit_encoder
+from fsvfm_jax.models.vit import VIT_LN_EPS, sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ def timm_model_args(cfg: FSFMConfig, pool: str) -> dict[str, Any]:
 
 def _encoder_template(cfg: FSFMConfig) -> dict[str, tuple[int, ...]]:
     """Our encoder's leaf shapes, ``{'blocks_0/attn/qkv/kernel': (D, 3D), ...}``, computed abstractly."""
-    enc = ViTEncoder(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                     depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
+    enc = vit_encoder(cfg)
     images = jax.ShapeDtypeStruct((1, cfg.img_size, cfg.img_size, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: enc.init(jax.random.key(0), x)["params"], images)
     return {p: tuple(v.shape) for p, v in fsfm_layout.flatten(shapes).items()}
@@ -195,8 +194,7 @@ def pooled_features(encoder, images: jnp.ndarray, cfg: FSFMConfig, pool: str = "
     token of the last block (cls excluded); ``token`` = pretrained ``norm`` of the cls token.
     Uses the fixed sin-cos table (our encoder has no learnable one).
     """
-    enc = ViTEncoder(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                     depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
+    enc = vit_encoder(cfg)
     last = f"blocks_{cfg.depth - 1}"
     out, state = enc.apply({"params": encoder}, images, capture_intermediates=lambda m, _: m.name == last)
     if pool == "token":

@@ -56,7 +56,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-NUM_LABELS = 11  # LaPa ids 0..10 (docs/method.md, "LaPa labels")
+from fsvfm_jax.lapa import NUM_LABELS
+
 _MAGIC = b"FSVFM1\n"
 _MAGIC_RAW = b"FSVFM2\n"
 _RAW_DIMS = struct.Struct("<5I")  # H, W, C, MH, MW

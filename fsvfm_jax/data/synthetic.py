@@ -21,9 +21,9 @@ import os
 import cv2
 import numpy as np
 
-# LaPa label ids (docs/method.md, "LaPa labels").
-BACKGROUND, SKIN, RIGHT_BROW, LEFT_BROW, RIGHT_EYE, LEFT_EYE = 0, 1, 2, 3, 4, 5
-NOSE, UPPER_LIP, INNER_MOUTH, LOWER_LIP, HAIR = 6, 7, 8, 9, 10
+from fsvfm_jax.lapa import (
+    BACKGROUND, HAIR, INNER_MOUTH, LEFT_BROW, LEFT_EYE, LOWER_LIP, NOSE, RIGHT_BROW, RIGHT_EYE, SKIN, UPPER_LIP,
+)
 
 
 def _ellipse(img, centre, axes, value, angle=0.0):

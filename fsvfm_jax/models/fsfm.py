@@ -176,11 +176,13 @@ class PixelDecoder(nn.Module):
         return x[:, 1:]
 
 
-def _encoder(cfg: FSFMConfig) -> ViTEncoder:
+def vit_encoder(cfg: FSFMConfig, name: str | None = None) -> ViTEncoder:
+    """The encoder of an FS-VFM size, ``[B, S, S, 3]`` -> ``[B, 1 + K, D]``: the one place a
+    ``ViTEncoder`` is built from a config (networks, exports and tests alike)."""
     return ViTEncoder(
         img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
         depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-        dtype=cfg.dtype, remat=cfg.remat, name="encoder",
+        dtype=cfg.dtype, remat=cfg.remat, name=name,
     )
 
 
@@ -218,7 +220,7 @@ class FSFMOnline(nn.Module):
         if cfg.rep_decoder_embed_dim != cfg.embed_dim:
             raise ValueError("the shared mask token needs rep_decoder_embed_dim == embed_dim")
         ids_keep, ids_restore = shuffle_ids(img_mask, n_keep)
-        latent = _encoder(cfg)(images, ids_keep)
+        latent = vit_encoder(cfg, name="encoder")(images, ids_keep)
         mask_token = _mask_token(self, cfg)
         rep = RepDecoder(cfg, name="rep_decoder")(latent, mask_token, ids_restore)
         projection = _pooled_projection(self, cfg, rep)
@@ -241,7 +243,7 @@ class FSFMTarget(nn.Module):
     @nn.compact
     def __call__(self, images):
         cfg = self.cfg
-        latent = _encoder(cfg)(images)
+        latent = vit_encoder(cfg, name="encoder")(images)
         mask_token = _mask_token(self, cfg)
         rep = RepDecoder(cfg, name="rep_decoder")(latent, mask_token, None)
         projection = _pooled_projection(self, cfg, rep)

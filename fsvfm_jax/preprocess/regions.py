@@ -1,6 +1,6 @@
 """LaPa parsing maps drawn from face-mesh contours, hair from segmentation.
 
-Labels: 0 background, 1 skin, 2 right brow, 3 left brow, 4 right eye, 5 left eye,
+Labels (``fsvfm_jax.lapa``): 0 background, 1 skin, 2 right brow, 3 left brow, 4 right eye, 5 left eye,
 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10 hair. "Right" is the subject's
 right (on the image's left for a frontal face), as in LaPa and MediaPipe. CRFR-P merges
 left and right (groups {2,3} and {4,5}), so masking does not depend on it.
@@ -24,10 +24,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-NUM_CLASSES = 11
-LABEL_NAMES = ("background", "skin", "right_brow", "left_brow", "right_eye", "left_eye",
-               "nose", "upper_lip", "inner_mouth", "lower_lip", "hair")
-BACKGROUND, SKIN, R_BROW, L_BROW, R_EYE, L_EYE, NOSE, U_LIP, I_MOUTH, L_LIP, HAIR = range(11)
+from fsvfm_jax import lapa
+
 
 # Ordered polygons over the 468-point mesh (subject's right/left).
 FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378,
@@ -100,7 +98,7 @@ def parse_from_landmarks(image: np.ndarray, landmarks: np.ndarray,
     for poly in (RIGHT_EYE, LEFT_EYE, RIGHT_BROW, LEFT_BROW, UPPER_LIP, LOWER_LIP):
         _fill(features, pts[list(poly)], 1)
     _fill(features, cv2.convexHull(pts[list(NOSE_POINTS)]).reshape(-1, 2), 1)
-    out[oval] = SKIN
+    out[oval] = lapa.SKIN
 
     if person is not None:
         face_h = face_height(pts)
@@ -128,7 +126,7 @@ def parse_from_landmarks(image: np.ndarray, landmarks: np.ndarray,
         cand = fg & (dist < forehead_dist) & above & (height > brow_level)
         n, lab = cv2.connectedComponents((cand | oval).astype(np.uint8), connectivity=4)
         ext |= cand & (lab == lab[oval].max()) & ~oval if oval.any() else False
-        out[ext] = SKIN
+        out[ext] = lapa.SKIN
         face = oval | ext
         neck = (height <= 0) & (lateral > jaw.min()) & (lateral < jaw.max())
         band = (height > 0) | ((height > -hair_below_chin * face_h) & ~neck)
@@ -138,19 +136,19 @@ def parse_from_landmarks(image: np.ndarray, landmarks: np.ndarray,
         n, lab = cv2.connectedComponents(hair.astype(np.uint8), connectivity=8)
         top = np.unique(lab[hair & (height > brow_level)])
         hair &= np.isin(lab, top[top > 0])
-        out[hair] = HAIR
+        out[hair] = lapa.HAIR
 
-    _fill(out, cv2.convexHull(pts[list(NOSE_POINTS)]).reshape(-1, 2), NOSE)
-    _fill(out, pts[list(RIGHT_BROW)], R_BROW)
-    _fill(out, pts[list(LEFT_BROW)], L_BROW)
-    _fill(out, pts[list(RIGHT_EYE)], R_EYE)
-    _fill(out, pts[list(LEFT_EYE)], L_EYE)
-    _fill(out, pts[list(UPPER_LIP)], U_LIP)
-    _fill(out, pts[list(LOWER_LIP)], L_LIP)
+    _fill(out, cv2.convexHull(pts[list(NOSE_POINTS)]).reshape(-1, 2), lapa.NOSE)
+    _fill(out, pts[list(RIGHT_BROW)], lapa.RIGHT_BROW)
+    _fill(out, pts[list(LEFT_BROW)], lapa.LEFT_BROW)
+    _fill(out, pts[list(RIGHT_EYE)], lapa.RIGHT_EYE)
+    _fill(out, pts[list(LEFT_EYE)], lapa.LEFT_EYE)
+    _fill(out, pts[list(UPPER_LIP)], lapa.UPPER_LIP)
+    _fill(out, pts[list(LOWER_LIP)], lapa.LOWER_LIP)
     inner = pts[list(INNER_MOUTH)]
     # A closed mouth's inner contour is a zero-area sliver: draw it only when open.
     if cv2.contourArea(inner) > 0.002 * max(face_height(pts), 1.0) ** 2:
-        _fill(out, inner, I_MOUTH)
+        _fill(out, inner, lapa.INNER_MOUTH)
     return out.astype(np.int8)
 
 
@@ -162,8 +160,8 @@ def face_height(pts: np.ndarray) -> float:
 def colorize(label_map: np.ndarray) -> np.ndarray:
     """RGB ``[H, W, 3]`` uint8 picture of a label map ``[H, W]`` (or ``[1, H, W]``)."""
     m = np.asarray(label_map).reshape(label_map.shape[-2:]).astype(np.int64)
-    if m.min() < 0 or m.max() >= NUM_CLASSES:
-        raise ValueError(f"labels must be in [0, {NUM_CLASSES - 1}], got [{m.min()}, {m.max()}]")
+    if m.min() < 0 or m.max() >= lapa.NUM_LABELS:
+        raise ValueError(f"labels must be in [0, {lapa.NUM_LABELS - 1}], got [{m.min()}, {m.max()}]")
     return PALETTE[m]
 
 
@@ -177,10 +175,10 @@ def overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) -> np.
 
 def legend(width: int, rows: int = 2) -> np.ndarray:
     """RGB ``[rows * 18, width, 3]`` strip naming each label's colour (for overlays)."""
-    per_row = -(-NUM_CLASSES // rows)
+    per_row = -(-lapa.NUM_LABELS // rows)
     out = np.full((rows * 18, width, 3), 255, np.uint8)
     cell = width // per_row
-    for i, name in enumerate(LABEL_NAMES):
+    for i, name in enumerate(lapa.LABEL_NAMES):
         r, c = divmod(i, per_row)
         x, y = c * cell + 2, r * 18 + 3
         cv2.rectangle(out, (x, y), (x + 11, y + 11), PALETTE[i].tolist(), -1)

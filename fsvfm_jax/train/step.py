@@ -21,7 +21,7 @@ import optax
 from fsvfm_jax.losses import pretrain_loss
 from fsvfm_jax.models.fsfm import FSFMConfig, FSFMOnline, FSFMTarget
 from fsvfm_jax.models.vit import patchify
-from fsvfm_jax.optim import ema_update, global_norm
+from fsvfm_jax.optim import ema_update
 from fsvfm_jax.sharding import batch_sharding, replicated
 
 EMA_CADENCES = ("step", "micro", "frozen")
@@ -121,7 +121,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             target=keep(new_target, state["target"]),
             opt=keep(opt, state["opt"]),
         )
-        metrics = dict(metrics, lr=lr_fn(step), momentum=momentum, grad_norm=global_norm(grads),
+        metrics = dict(metrics, lr=lr_fn(step), momentum=momentum, grad_norm=optax.tree.norm(grads),
                        nonfinite=(~finite).astype(jnp.int32))
         return new_state, metrics
 
