@@ -22,7 +22,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-FACE_LABELS = tuple(range(1, 10))  # LaPa: 1 skin ... 9 lower lip; 0 background and 10 hair excluded
+from fsvfm_jax import lapa
+
+# LaPa skin, brows, eyes, nose, lips and mouth: every label but background and hair.
+FACE_LABELS = tuple(i for i in range(lapa.NUM_LABELS) if i not in (lapa.BACKGROUND, lapa.HAIR))
 
 
 def face_hull_mask(parsing_map: np.ndarray) -> np.ndarray:

@@ -18,7 +18,6 @@ import optax
 
 from fsvfm_jax.losses import real_anchor_contrastive_loss, soft_target_cross_entropy
 from fsvfm_jax.models.classifier import ClassifierConfig, ViTClassifier
-from fsvfm_jax.optim import global_norm
 from fsvfm_jax.sharding import batch_sharding, replicated
 from fsvfm_jax.train.step import _split_micro, normalize_images
 
@@ -144,7 +143,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         finite = jnp.isfinite(metrics["loss"])
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = dict(step=step + 1, params=keep(new_params, params), frozen=frozen, opt=keep(opt, state["opt"]))
-        metrics = dict(metrics, lr=lr_fn(step), grad_norm=global_norm(grads), nonfinite=(~finite).astype(jnp.int32))
+        metrics = dict(metrics, lr=lr_fn(step), grad_norm=optax.tree.norm(grads), nonfinite=(~finite).astype(jnp.int32))
         return new_state, metrics
 
     return train_step
