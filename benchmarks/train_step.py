@@ -6,9 +6,18 @@ Prints per size: compile time, median step time, images/s, and the achieved FLOP
 cost analysis; and, as a same-run reference, the time of a plain float32 matmul with the same FLOP
 count as the step, so the ratio (step time / matmul time) says how close the step runs to this
 machine's matmul throughput. One JSON line per size.
+
+    python benchmarks/train_step.py --mfu [--sizes small,base,large] [--batch 64] [--steps 10]
+
+On GPUs and TPUs: the model FLOP utilisation of the full train step for each size in bfloat16 and
+float32 activations at a per-device batch, data-parallel over every device: XLA's FLOPs of the
+compiled step per device / median step time / the device's peak for that dtype
+(fsvfm_jax/observe.py, docs/observability.md). Where no peak is known (CPU) it says so and stops,
+unless --allow-unknown-peak asks for the achieved FLOP/s alone.
 """
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -16,16 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsvfm_jax import observe, scaling
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
 from fsvfm_jax.optim import make_optimizer
 from fsvfm_jax.train.step import init_state, make_loss_fn, make_train_step
-
-
-def random_batch(batch, cfg, rng):
-    n_mask = cfg.num_patches - cfg.n_keep(0.75)
-    mask = np.argsort(rng.random((batch, cfg.num_patches)), axis=1) < n_mask
-    return dict(image=rng.integers(0, 256, (batch, cfg.img_size, cfg.img_size, 3), dtype=np.uint8),
-                img_mask=mask, fr_mask=mask & (rng.random(mask.shape) < 0.1))
 
 
 def median_time(fn, *args, steps):
@@ -37,12 +40,39 @@ def median_time(fn, *args, steps):
     return float(np.median(times))
 
 
+def run_mfu(args) -> None:
+    """One line and one JSON line per (size, dtype): step time, images/s, TFLOP/s per device, MFU."""
+    kind = jax.devices()[0].device_kind
+    if observe.peak_flops(kind, "bfloat16") is None and not args.allow_unknown_peak:
+        print(f"--mfu: no peak FLOP/s is known for {jax.default_backend()} device kind {kind!r} (add it to "
+              "fsvfm_jax/observe.py), so there is no MFU to print; --allow-unknown-peak prints FLOP/s only")
+        return
+    print(f"{jax.device_count()} x {kind}, per-device batch {args.batch}, median of {args.steps} steps", flush=True)
+    for size in args.sizes.split(","):
+        for dtype in ("bfloat16", "float32"):
+            m = scaling.measure(size, per_device_batch=args.batch, dtype=dtype, steps=args.steps)
+            mfu = f"MFU {100 * m.mfu:5.1f}%" if m.mfu is not None else "MFU n/a"
+            print(f"{size:>5} {dtype:>8}: step {m.step_s * 1000:8.1f} ms  {m.images_per_s:9.1f} img/s  "
+                  f"{m.tflops_per_s_per_device or 0:7.3g} TFLOP/s/device  {mfu}  (compile {m.compile_s:.0f} s)",
+                  flush=True)
+            row = dataclasses.asdict(m)
+            for key in ("device_memory_peak_gib", "host_rss_peak_gib"):  # process-wide peaks: not this size's
+                row.pop(key)
+            print(json.dumps(row), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="small")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--sizes", default=None, help="default: small (small,base,large with --mfu)")
+    parser.add_argument("--batch", type=int, default=None, help="per device; default 8 (64 with --mfu)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps; default 5 (10 with --mfu)")
+    parser.add_argument("--mfu", action="store_true", help="MFU of each size in bf16 and fp32 (accelerators)")
+    parser.add_argument("--allow-unknown-peak", action="store_true", help="--mfu on CPU: FLOP/s only")
     args = parser.parse_args()
+    if args.mfu:
+        args.sizes, args.batch, args.steps = args.sizes or "small,base,large", args.batch or 64, args.steps or 10
+        return run_mfu(args)
+    args.sizes, args.batch, args.steps = args.sizes or "small", args.batch or 8, args.steps or 5
     rng = np.random.default_rng(0)
     for size in args.sizes.split(","):
         cfg = fsfm_config(size)
@@ -50,7 +80,7 @@ def main():
         step = jax.jit(make_train_step(make_loss_fn(cfg, mask_ratio=0.75, mean=[0.5] * 3, std=[0.25] * 3), opt,
                                        lr_fn=lambda s: 1e-4, momentum_fn=lambda s: 0.996), donate_argnums=0)
         state = init_state(*init_params(cfg, jax.random.key(0)), opt)
-        batch = random_batch(args.batch, cfg, rng)
+        batch = scaling.random_batch(args.batch, cfg, 0.75, rng)
         t = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t

@@ -82,10 +82,12 @@ def build_sources(out: Path, variants: int, seed: int, cache=None) -> dict[str, 
     eyes, nose and mouth) is inside it]}.
     """
     from fsvfm_jax.preprocess import assets
+    from fsvfm_jax.progress import Progress
 
     src = out / "sources"
     src.mkdir(parents=True, exist_ok=True)
     visible = {}
+    bar = Progress(len(PHOTOS) * variants, "sources", unit="images")
     for k, (name, faces) in enumerate(PHOTOS.items()):
         img = cv2.imread(str(assets.sample_path(name, cache)))
         if img is None:
@@ -107,6 +109,8 @@ def build_sources(out: Path, variants: int, seed: int, cache=None) -> dict[str, 
                 if rr <= x < w - rr and rr <= y < h - rr:
                     keep.append((float(x), float(y)))
             visible[fn] = keep
+            bar.update(1)
+    bar.close()
     return visible
 
 

@@ -27,18 +27,16 @@ import time
 from fsvfm_jax.cli.common import setup_logging, shard_arg
 from fsvfm_jax.data import stats
 from fsvfm_jax.data.records import DataError
+from fsvfm_jax.progress import Progress
 
 
-def _progress():
-    t0, last = time.time(), [0.0]
+def _advance(bar: Progress):
+    """``progress(done, total)`` for the statistics code: the total is known once the roots are indexed."""
 
     def progress(done, total):
-        now = time.time()
-        if now - last[0] > 0.5 or done == total:
-            last[0] = now
-            rate = done / max(now - t0, 1e-9)
-            print(f"\r{done}/{total} images ({100 * done / max(total, 1):.1f}%, {rate:.0f} img/s)",
-                  end="", file=sys.stderr, flush=True)
+        if bar.total != total:
+            bar.set_total(total)
+        bar.update(done - bar.done)
 
     return progress
 
@@ -77,9 +75,9 @@ def main(argv=None) -> int:
             print(f"merged {info['partials']} partials ({info['image_size']} px)", file=sys.stderr)
             _write(args.out, hist, info, t0)
             return 0
-        hist, info = stats.compute_histogram(args.inputs, image_size=args.image_size, workers=args.workers,
-                                             skip_bad=args.skip_bad, shard=args.shard, progress=_progress())
-        print(file=sys.stderr)
+        with Progress(0, "stats", unit="images") as bar:
+            hist, info = stats.compute_histogram(args.inputs, image_size=args.image_size, workers=args.workers,
+                                                 skip_bad=args.skip_bad, shard=args.shard, progress=_advance(bar))
         if args.partial:
             path = stats.write_partial(args.partial, hist, info, image_size=args.image_size, shard=args.shard)
             print(json.dumps({"partial": path, "shard": args.shard, "records": info["records"],

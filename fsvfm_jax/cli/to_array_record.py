@@ -59,6 +59,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from fsvfm_jax.cli.common import setup_logging
 from fsvfm_jax.data.records import BadRecordError, decode_record, encode_raw_record, encode_record
 from fsvfm_jax.data.sources import FolderSource
+from fsvfm_jax.progress import Progress
 
 log = logging.getLogger("to_array_record")
 
@@ -117,7 +118,8 @@ def convert(roots, out: str, shards: int, *, skip_bad: bool = False, encoding: s
     make = _raw_record if encoding == "raw" else _png_record
     threads = (threads or os.cpu_count() or 1) if encoding == "raw" else 1
     pool = ThreadPoolExecutor(threads) if threads > 1 else None  # cv2 releases the GIL
-    done, written, total_bytes, disk_bytes, bad = 0, 0, 0, 0, []
+    written, total_bytes, disk_bytes, bad = 0, 0, 0, []
+    bar = Progress(n, "to_array_record", unit="records")
     try:
         for s in range(shards):
             lo, hi = s * n // shards, (s + 1) * n // shards
@@ -129,9 +131,7 @@ def convert(roots, out: str, shards: int, *, skip_bad: bool = False, encoding: s
                     idx = range(start, min(start + _CHUNK, hi))
                     args = ([source] * len(idx), idx, [image_size] * len(idx))
                     for record in (pool.map(make, *args) if pool else map(make, *args)):
-                        done += 1
-                        if done % 1000 == 0 or done == n:
-                            print(f"\r{done}/{n} records ({100 * done / n:.1f}%)", end="", file=sys.stderr, flush=True)
+                        bar.update(1, skipped=len(bad))
                         if isinstance(record, BadRecordError):
                             if not skip_bad:
                                 raise SystemExit(f"{record} (use --skip-bad to leave such records out)")
@@ -149,9 +149,9 @@ def convert(roots, out: str, shards: int, *, skip_bad: bool = False, encoding: s
             print(json.dumps({"shard": path, "records": shard_records, "first": lo, "bytes": shard_bytes,
                               "disk_bytes": os.path.getsize(path)}), file=stream)
     finally:
+        bar.close()
         if pool:
             pool.shutdown()
-    print(file=sys.stderr)
     summary = {"out": out, "shards": shards, "records": written, "encoding": encoding,
                "image_size": image_size, "compression": compression, "bytes": total_bytes, "disk_bytes": disk_bytes,
                "skipped_at_index": source.num_skipped, "skipped_bad_records": len(bad),

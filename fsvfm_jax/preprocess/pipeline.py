@@ -35,13 +35,14 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from fsvfm_jax.progress import Progress
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
@@ -299,29 +300,6 @@ def process_source(args) -> dict:
     return res
 
 
-class Progress:
-    """One status line on stderr: redrawn in place on a terminal, else every 10 s."""
-
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream, self.t0, self.last = total, stream, time.time(), 0.0
-        self.tty = stream.isatty()
-
-    def update(self, done: int, counts: dict, final: bool = False) -> None:
-        now = time.time()
-        if not final and now - self.last < (0.2 if self.tty else 10.0):
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        line = (f"[{done}/{self.total}] {rate:.1f} files/s eta {eta:.0f}s | faces "
-                f"{counts['faces_written']} | no face {counts['no_face']} | unreadable "
-                f"{counts['unreadable']}")
-        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
-        if final and self.tty:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def _read_journal(path: Path) -> dict:
     done = {}
     if path.is_file():
@@ -369,27 +347,30 @@ def run(input_dir, out, backend: str = "mediapipe", workers: int = 1, frames: in
 
     results = {rel: previous[rel] for rel in skipped}
     counts = {"faces_written": 0, "no_face": 0, "unreadable": 0}
-    prog = Progress(len(todo)) if progress else None
-    with open(journal_path, "a") as journal:
-        def consume(it):
-            for i, r in enumerate(it, 1):
-                results[r["source"]] = r
-                counts["faces_written"] += len(r["outputs"])
-                counts["no_face"] += r["status"] == "no_face"
-                counts["unreadable"] += r["status"] == "unreadable"
-                journal.write(json.dumps(r) + "\n")
-                journal.flush()
-                if prog:
-                    prog.update(i, counts)
+    prog = Progress(len(todo), "preprocess", unit="files") if progress else None
+    try:
+        with open(journal_path, "a") as journal:
+            def consume(it):
+                for r in it:
+                    results[r["source"]] = r
+                    counts["faces_written"] += len(r["outputs"])
+                    counts["no_face"] += r["status"] == "no_face"
+                    counts["unreadable"] += r["status"] == "unreadable"
+                    journal.write(json.dumps(r) + "\n")
+                    journal.flush()
+                    if prog:
+                        prog.update(1, faces=counts["faces_written"], no_face=counts["no_face"],
+                                    unreadable=counts["unreadable"])
 
-        if workers > 0 and todo:
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,)) as pool:
-                consume(pool.imap_unordered(process_source, todo, chunksize=1))
-        else:
-            consume(map(process_source, todo))
+            if workers > 0 and todo:
+                ctx = mp.get_context("spawn")
+                with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,)) as pool:
+                    consume(pool.imap_unordered(process_source, todo, chunksize=1))
+            else:
+                consume(map(process_source, todo))
+    finally:
         if prog:
-            prog.update(len(todo), counts, final=True)
+            prog.close()
 
     report = make_report(input_dir, out, opts, items, ignored, results, skipped, time.time() - t0)
     if shard is not None:

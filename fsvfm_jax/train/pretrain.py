@@ -25,6 +25,7 @@ from fsvfm_jax.data import stats
 from fsvfm_jax.data.pipeline import make_pretrain_dataset
 from fsvfm_jax.metric_writer import MetricWriter
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
+from fsvfm_jax.progress import Progress
 from fsvfm_jax.optim import absolute_lr, lr_schedule, make_optimizer, momentum_schedule
 from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
 from fsvfm_jax.visualize import make_preview
@@ -207,6 +208,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     last_step = min(total_steps, config.stop_at_step or total_steps)
     clock = observe.StepClock(total_steps=total_steps, images_per_step=config.global_batch_size)
     profile = observe.ProfileWindow(config.profile_steps, workdir)
+    bar = Progress(last_step - start_step, "pretrain", unit="steps", log_every_s=None,  # a bar on a terminal only
+                   interactive=False if jax.process_index() else None)
     preview = make_preview(mcfg, mean, std, mask_ratio=config.data.mask_ratio, norm_pix=config.loss.norm_pix,
                            out_sharding=sharding.replicated(mesh))
     last = {}
@@ -224,6 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
             state, metrics = train_step(state, batch)
             profile.after(step, metrics)
             clock.tick()
+            bar.update(1)
             if step % config.log_every_steps == 0 or step in (start_step + 1, last_step):
                 metrics = jax.device_get(metrics)
                 timing = clock.lap(step)
@@ -247,6 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                 log.info("saved checkpoint %d", step)
     finally:
         profile.stop()
+        bar.close()
         writer.close()
         manager.close()
     return last
