@@ -95,7 +95,7 @@ def lowered_flops(lowered) -> float | None:
 
 
 def utilization(flops_per_device: float | None, step_time_s: float, peak: float | None) -> dict:
-    """``{flops_per_s_per_device, mfu}`` for one step time; ``mfu`` only where the peak is known."""
+    """``{tflops_per_s_per_device, mfu}`` for one step time; ``mfu`` only where the peak is known."""
     if not flops_per_device or step_time_s <= 0:
         return {}
     rate = flops_per_device / step_time_s

@@ -25,8 +25,8 @@ from fsvfm_jax.data import stats
 from fsvfm_jax.data.pipeline import make_pretrain_dataset
 from fsvfm_jax.metric_writer import MetricWriter
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
-from fsvfm_jax.progress import Progress
 from fsvfm_jax.optim import absolute_lr, lr_schedule, make_optimizer, momentum_schedule
+from fsvfm_jax.progress import Progress
 from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
 from fsvfm_jax.visualize import make_preview
 
