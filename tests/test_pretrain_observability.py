@@ -8,19 +8,16 @@ import cv2
 import numpy as np
 import pytest
 
-from fsvfm_jax.data.synthetic import write_synthetic_dataset
 from tensorboard_events import scalars_and_images
 
-from test_pretrain_tool import SMALL_RUN, pretrain  # the same program as those runs: compiled once per session
+# The same data and program as those runs, so the step compiles once per session.
+from test_pretrain_tool import SMALL_RUN, faces, pretrain  # noqa: F401 (faces is a fixture)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces")
-    write_synthetic_dataset(root, 40, seed=0)
+def run(faces, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run") / "wd"
-    proc = pretrain(workdir, *SMALL_RUN, "--config.image_every_steps=3", "--config.profile_steps=2,3",
-                    "--config.data.normalize=vggface2", roots=[root])  # no stats file: the published constants
+    proc = pretrain(workdir, *SMALL_RUN, "--config.image_every_steps=3", "--config.profile_steps=2,3", roots=[faces])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc.stderr
 
