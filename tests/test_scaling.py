@@ -117,7 +117,8 @@ def test_command_line_measures_and_plots(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "scaling.json").read_text())
     row = summary["sizes"][0]
-    assert row["gflops_per_image_xla"] == pytest.approx(row["gflops_per_image_analytic"], rel=0.15)  # tiny: norms weigh more
+    # tiny at 4 images: AdamW and EMA per image, norms and softmax add ~19% to the matrix products
+    assert row["gflops_per_image_analytic"] < row["gflops_per_image_xla"] < 1.3 * row["gflops_per_image_analytic"]
     assert row["images_per_s"] == pytest.approx(4 / row["step_s"]) and row["host_rss_peak_gib"] > 0.1
     assert (tmp_path / "out" / "sizes.png").exists() and (tmp_path / "out" / "loss_curves.png").exists()
     bad = subprocess.run([*cmd[:2], "--sizes", "tiny", "--img-size", "50", "--out", str(tmp_path / "bad")],
