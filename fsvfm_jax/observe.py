@@ -45,10 +45,9 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, tuple[float, float, float]], ...] = (
     ("l4", (121.0, 60.0, 30.3)),
 )
 # ``config.model.matmul_precision`` -> bf16 passes per float32 matmul on TPU / whether a GPU uses TF32.
-_TPU_PASSES = {"default": 1, "bfloat16": 1, "fastest": 1, "high": 3, "bfloat16_3x": 3, "tensorfloat32": 3,
-               "highest": 6, "float32": 6}
-_GPU_TF32 = {"default": True, "bfloat16": True, "fastest": True, "high": True, "bfloat16_3x": True,
-             "tensorfloat32": True, "highest": False, "float32": False}
+_TPU_PASSES = {"default": 1, "bfloat16": 1, "high": 3, "tensorfloat32": 3, "highest": 6, "float32": 6}
+_GPU_TF32 = {"default": True, "bfloat16": True, "high": True, "tensorfloat32": True, "highest": False, "float32": False}
+MATMUL_PRECISIONS = tuple(_TPU_PASSES)
 
 
 def peak_flops(device_kind: str, dtype: str = "bfloat16", matmul_precision: str = "default") -> float | None:

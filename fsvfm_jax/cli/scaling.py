@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fsvfm_jax import scaling
+from fsvfm_jax import observe, scaling
 from fsvfm_jax.models.fsfm import fsfm_config
 
 
@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--per-device-batch", type=int, default=8)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="activation dtype")
-    p.add_argument("--matmul-precision", default="default", help="as config.model.matmul_precision (for the MFU peak)")
+    p.add_argument("--matmul-precision", default="default", choices=observe.MATMUL_PRECISIONS,
+                   help="float32 matmul precision, as config.model.matmul_precision (also picks the MFU peak)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--steps", type=int, default=3, help="timed steps per size (after one warm-up)")
     p.add_argument("--analytic-only", action="store_true", help="parameters and analytic FLOPs; compile nothing")
