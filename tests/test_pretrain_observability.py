@@ -59,3 +59,18 @@ def test_profile_trace_of_the_requested_steps(run):
     traces = list((workdir / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000
     assert "profile of steps 2-3 written to" in stderr
+
+
+@pytest.mark.slow
+def test_flops_with_gradient_accumulation(faces, tmp_path):
+    """XLA counts a scan body once, so with accum_steps=2 the loop counts one micro-batch step twice:
+    the step's FLOPs must equal those of the same global batch without accumulation (up to the
+    optimizer update, counted once per micro-batch: ~0.1% here)."""
+    logged = {}
+    for accum in (1, 2):
+        proc = pretrain(tmp_path / f"accum{accum}", *SMALL_RUN, f"--config.accum_steps={accum}",
+                        "--config.stop_at_step=1", roots=[faces])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(x for x in proc.stderr.splitlines() if "GFLOP per device" in x)
+        logged[accum] = float(line.split("train step: ")[1].split()[0])
+    assert logged[2] == pytest.approx(logged[1], rel=0.01)
