@@ -28,8 +28,8 @@ import crfrp_reference as ref  # noqa: E402
 
 from fsvfm_jax import masking  # noqa: E402
 
-TARGET_MASKS_PER_S = 5000
-TARGET_RATIO = 20
+TARGET_MASKS_PER_S = 10000
+TARGET_RATIO = 50  # issue 10: at batch 256, against the per-sample port of the published collate
 
 
 def _masks_per_second(make, maps: np.ndarray, batch: int, repeats: int) -> tuple[float, float]:
@@ -46,6 +46,10 @@ def _masks_per_second(make, maps: np.ndarray, batch: int, repeats: int) -> tuple
     return len(maps) / best_wall, len(maps) / best_cpu
 
 
+def _best(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return max(a[0], b[0]), max(a[1], b[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--maps", type=int, default=512)
@@ -53,19 +57,24 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--strategy", choices=masking.STRATEGIES, default="crfrp")
-    parser.add_argument("--repeats", type=int, default=5, help="passes for the vectorised code")
-    parser.add_argument("--reference-repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of 3 passes for the vectorised code")
+    parser.add_argument("--reference-repeats", type=int, default=3, help="passes for the reference")
     args = parser.parse_args()
 
     maps = ref.synthetic_parsing_maps(np.random.default_rng(0), args.maps)
     options = dict(patch_size=args.patch_size, mask_ratio=args.mask_ratio, strategy=args.strategy)
     rng = np.random.default_rng(1)
-    vectorised = _masks_per_second(lambda m: masking.make_masks(m, rng=rng, **options),
-                                   maps, args.batch, args.repeats)
+    # Alternate the two, best of each: a load spike on this shared machine hits both alike.
+    vectorised = reference = (0.0, 0.0)
+    for round_ in range(max(args.repeats, args.reference_repeats)):
+        if round_ < args.repeats:
+            vectorised = _best(vectorised, _masks_per_second(
+                lambda m: masking.make_masks(m, rng=rng, **options), maps, args.batch, 3))
+        if round_ < args.reference_repeats:
+            reference = _best(reference, _masks_per_second(
+                lambda m: ref.make_masks(m, rng=rng, **options), maps, args.batch, 1))
     membership_only = _masks_per_second(lambda m: masking.patch_region_membership(m, args.patch_size),
                                         maps, args.batch, args.repeats)
-    reference = _masks_per_second(lambda m: ref.make_masks(m, rng=rng, **options),
-                                  maps, args.batch, args.reference_repeats)
     ratio = vectorised[0] / reference[0]
     grid = 224 // args.patch_size
     print(f"{args.maps} maps 224x224, {grid}x{grid} patches, batch {args.batch}, {args.strategy}, "
@@ -74,7 +83,7 @@ def main() -> None:
     print(f"  vectorised          {vectorised[0]:10.0f}{vectorised[1]:10.0f} masks/s  (target >= {TARGET_MASKS_PER_S})")
     print(f"    membership only   {membership_only[0]:10.0f}{membership_only[1]:10.0f} maps/s")
     print(f"  per-sample ref.     {reference[0]:10.0f}{reference[1]:10.0f} masks/s")
-    print(f"  ratio (wall)        {ratio:10.1f}x  (target >= {TARGET_RATIO})")
+    print(f"  ratio               {ratio:10.1f}x{vectorised[1] / reference[1]:10.1f}x  (target >= {TARGET_RATIO})")
     print(json.dumps(dict(
         benchmark="masking", strategy=args.strategy, maps=args.maps, batch=args.batch,
         patch_size=args.patch_size, mask_ratio=args.mask_ratio,
