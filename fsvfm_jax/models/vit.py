@@ -73,7 +73,12 @@ def unpatchify(patches: jnp.ndarray, patch_size: int, channels: int = 3) -> jnp.
 
 class Attention(nn.Module):
     """Multi-head self-attention with one packed ``qkv`` projection (rows q | k | v, heads
-    contiguous inside each), as timm's ``Attention``."""
+    contiguous inside each), as timm's ``Attention``: explicit softmax of ``(q k^T) * scale``.
+
+    Heads are moved next to the batch once (``[B*H, N, hd]``), so both products are dots with a
+    single batch dimension: on CPU that runs the attention 1.3-1.4x faster than products
+    batched over ``(B, H)`` straight from the ``[B, N, H, hd]`` layout (docs/performance.md).
+    """
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -81,16 +86,24 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, n, d = x.shape
-        if d % self.num_heads:
-            raise ValueError(f"width {d} is not divisible by {self.num_heads} heads")
-        head_dim = d // self.num_heads
+        h = self.num_heads
+        if d % h:
+            raise ValueError(f"width {d} is not divisible by {h} heads")
+        head_dim = d // h
         qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv", **DENSE_INIT)(x)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
+        qkv = qkv.reshape(b, n, 3, h, head_dim).transpose(2, 0, 3, 1, 4).reshape(3, b * h, n, head_dim)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B*H, N, hd]
+        logits = jnp.einsum("xqd,xkd->xqk", q, k) * head_dim**-0.5
         weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
+        out = jnp.einsum("xqk,xkd->xqd", weights, v)
+        out = out.reshape(b, h, n, head_dim).transpose(0, 2, 1, 3).reshape(b, n, d)
         return nn.Dense(d, dtype=self.dtype, name="proj", **DENSE_INIT)(out)
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+    """Exact GELU as torch computes it, ``x / 2 * (1 + erf(x / sqrt 2))``. (``jax.nn.gelu``
+    goes through ``erfc``, which costs XLA's CPU backend twice the time of ``erf``.)"""
+    return x * (0.5 + 0.5 * jax.lax.erf(x * np.float32(2**-0.5)).astype(x.dtype))
 
 
 class Mlp(nn.Module):
@@ -101,7 +114,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         d = x.shape[-1]
         x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **DENSE_INIT)(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         return nn.Dense(d, dtype=self.dtype, name="fc2", **DENSE_INIT)(x)
 
 
