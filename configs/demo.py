@@ -7,7 +7,7 @@ def get_config():
     c = pretrain_config("tiny")
     c.data.roots = ("demo_data",)
     c.global_batch_size = 16
-    c.accum_steps = 1
+    c.per_device_batch = 16
     c.data.region_block = 4  # as if 4 GPUs shared the batch, like the published launch
     c.total_steps = 150
     c.warmup_epochs = 1

@@ -10,8 +10,12 @@ from __future__ import annotations
 import ml_collections
 
 # Published scripts: 4 GPUs x per-GPU batch x accum_iter = 4096 for every size (no script for huge).
-PUBLISHED_ACCUM = {"small": 2, "base": 4, "large": 4, "huge": 4}
+# The per-GPU micro-batch is also our per-device cap, so 4 devices reproduce the published
+# accumulation (2 for small, 4 for the others).
 PUBLISHED_PER_GPU_BATCH = {"small": 512, "base": 256, "large": 256, "huge": 256}
+# Sizes whose replicated train state would crowd a 16 GiB chip shard it over a host's devices
+# (docs/pod.md has the memory numbers); smaller ones stay data-parallel.
+FSDP_OVER_HOST = ("large", "huge")
 
 
 def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
@@ -22,8 +26,8 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
     c.model.size = size
     c.model.img_size = 224
     c.model.rep_decoder_pos_embed = "zeros"  # published checkpoints; "sincos" is an option
-    c.model.dtype = "float32"  # activations; "bfloat16" for speed on accelerators (params stay fp32)
-    c.model.remat = False
+    c.model.dtype = "auto"  # activations: "auto" = bfloat16 on GPU/TPU, float32 on CPU (params stay fp32)
+    c.model.remat = "none"  # "none" | "full" | "dots_saveable": recompute block activations in backward
     c.model.matmul_precision = "default"  # "highest" forces full fp32 matmuls on GPU/TPU
 
     c.data = ml_collections.ConfigDict()
@@ -47,7 +51,8 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
     c.data.mask_ratio = 0.75
 
     c.global_batch_size = 4096  # effective batch per optimizer step, all hosts and micro-batches
-    c.accum_steps = PUBLISHED_ACCUM.get(size, 1)
+    c.per_device_batch = PUBLISHED_PER_GPU_BATCH.get(size, 256)  # the most one device runs at once
+    c.accum_steps = 0  # 0: derived, global / (devices x per-device micro-batch); > 0 forces it
     c.epochs = 600
     c.warmup_epochs = 40
     c.total_steps = 0  # > 0 overrides epochs (the schedule then spans total_steps)
@@ -73,8 +78,9 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
     c.ema.cadence = "step"  # "step" (paper intent), "micro" (published per-micro-batch), "frozen"
 
     c.mesh = ml_collections.ConfigDict()
+    c.mesh.dcn_data = 1  # slices (TPU) or hosts (GPU) joined by the data-centre network
     c.mesh.data = -1
-    c.mesh.fsdp = 1
+    c.mesh.fsdp = 0  # 0: the size's default (a host's devices for large/huge, else 1)
     c.mesh.fsdp_min_size = 2**16
 
     c.log_every_steps = 50
@@ -183,3 +189,37 @@ def finetune_config(size: str = "base", task: str = "dfd", adapter: bool = False
     c.log_every_steps = 20
     c.keep_checkpoints = 2
     return c
+
+
+def compute_dtype(name: str, platform: str) -> str:
+    """``model.dtype`` for a backend: ``"auto"`` is bfloat16 on accelerators, float32 on CPU."""
+    if name == "auto":
+        return "float32" if platform == "cpu" else "bfloat16"
+    return name
+
+
+def fsdp_size(config: ml_collections.ConfigDict, local_devices: int) -> int:
+    """``mesh.fsdp``, with 0 resolved to the size's default."""
+    if config.mesh.fsdp:
+        return config.mesh.fsdp
+    return local_devices if config.model.size in FSDP_OVER_HOST else 1
+
+
+def accum_steps(config: ml_collections.ConfigDict, devices: int) -> int:
+    """Micro-batches per optimizer step: ``accum_steps`` when set, else the fewest that keep every
+    device at or under ``per_device_batch`` images."""
+    if config.accum_steps:
+        return config.accum_steps
+    gb = config.global_batch_size
+    if gb % devices:
+        raise ValueError(f"global batch {gb} does not divide over {devices} devices")
+    per_device = gb // devices
+    if config.per_device_batch < 1:
+        raise ValueError(f"per_device_batch must be >= 1 (or set accum_steps), got {config.per_device_batch}")
+    if per_device <= config.per_device_batch:
+        return 1
+    if per_device % config.per_device_batch:
+        raise ValueError(
+            f"global batch {gb} over {devices} devices is {per_device} images per device, not a multiple of "
+            f"per_device_batch={config.per_device_batch}: choose a per-device batch dividing {per_device}")
+    return per_device // config.per_device_batch

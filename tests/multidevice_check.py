@@ -28,10 +28,11 @@ def batches(n, size, seed=0):
 def run(mesh, accum_steps):
     cfg = fsfm_config("tiny", img_size=IMG)
     opt = make_optimizer(1e-3)
-    step_fn = make_train_step(make_loss_fn(cfg, mask_ratio=0.75, mean=[0.5] * 3, std=[0.25] * 3), opt,
-                              lr_fn=lambda s: 1e-3, momentum_fn=lambda s: 0.99, accum_steps=accum_steps)
     init = lambda: init_state(*init_params(cfg, jax.random.key(0)), opt)
     shardings = sharding.state_shardings(jax.eval_shape(init), mesh, fsdp_min_size=1024)
+    step_fn = make_train_step(make_loss_fn(cfg, mask_ratio=0.75, mean=[0.5] * 3, std=[0.25] * 3), opt,
+                              lr_fn=lambda s: 1e-3, momentum_fn=lambda s: 0.99, accum_steps=accum_steps,
+                              mesh=mesh, state_shardings=shardings)
     state = jax.jit(init, out_shardings=shardings)()
     step = jit_train_step(step_fn, shardings, mesh)
     losses = []

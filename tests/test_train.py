@@ -29,7 +29,8 @@ def test_one_device_and_eight_devices_give_the_same_step():
     to rounding (the attention key bias) flip sign with the reduction order, so such elements can
     move by up to 2*lr; all other elements agree to ~1e-6. Optimizer moments 1e-7, EMA target 1e-5.
     """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO))  # this checkout, not an installed copy
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_check.py")], env=env,
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

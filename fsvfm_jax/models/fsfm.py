@@ -21,8 +21,10 @@ import jax.numpy as jnp
 
 from fsvfm_jax.models.vit import (
     DENSE_INIT,
+    Dense,
     VIT_LN_EPS,
     ViTEncoder,
+    remat_block,
     sincos_pos_embed_2d,
     transformer_blocks,
 )
@@ -53,9 +55,10 @@ class FSFMConfig:
     # "sincos" gives the rep decoder positional information for mask tokens.
     rep_decoder_pos_embed: str = "zeros"
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: Any = "none"  # vit.REMAT_POLICIES, or a bool
 
     def __post_init__(self):
+        remat_block(self.remat)  # validates the policy
         if self.rep_decoder_pos_embed not in ("zeros", "sincos"):
             raise ValueError(f"rep_decoder_pos_embed must be 'zeros' or 'sincos', got {self.rep_decoder_pos_embed!r}")
         if self.img_size % self.patch_size:
@@ -126,10 +129,10 @@ class MlpHead(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.hidden_size, dtype=self.dtype, name="fc1", **DENSE_INIT)(x)
+        x = Dense(self.hidden_size, dtype=self.dtype, name="fc1", **DENSE_INIT)(x)
         x = nn.LayerNorm(epsilon=MLP_HEAD_LN_EPS, dtype=self.dtype, name="norm")(x)
         x = nn.relu(x)
-        return nn.Dense(self.out_size, dtype=self.dtype, name="fc2", **DENSE_INIT)(x)
+        return Dense(self.out_size, dtype=self.dtype, name="fc2", **DENSE_INIT)(x)
 
 
 class RepDecoder(nn.Module):
@@ -141,7 +144,7 @@ class RepDecoder(nn.Module):
     def __call__(self, latent, mask_token, ids_restore):
         cfg = self.cfg
         e = cfg.rep_decoder_embed_dim
-        x = nn.Dense(e, dtype=cfg.dtype, name="embed", **DENSE_INIT)(latent)
+        x = Dense(e, dtype=cfg.dtype, name="embed", **DENSE_INIT)(latent)
         if ids_restore is not None:
             x = restore_order(x, mask_token, ids_restore)
         if cfg.rep_decoder_pos_embed == "sincos":
@@ -151,7 +154,7 @@ class RepDecoder(nn.Module):
             mlp_ratio=cfg.mlp_ratio, dtype=cfg.dtype, remat=cfg.remat, prefix="blocks",
         )
         x = nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=cfg.dtype, name="norm")(x)
-        return nn.Dense(cfg.embed_dim, dtype=cfg.dtype, name="pred", **DENSE_INIT)(x)
+        return Dense(cfg.embed_dim, dtype=cfg.dtype, name="pred", **DENSE_INIT)(x)
 
 
 class PixelDecoder(nn.Module):
@@ -165,14 +168,14 @@ class PixelDecoder(nn.Module):
     def __call__(self, latent, mask_token, ids_restore):
         cfg = self.cfg
         x = restore_order(latent, mask_token, ids_restore)
-        x = nn.Dense(cfg.decoder_embed_dim, dtype=cfg.dtype, name="embed", **DENSE_INIT)(x)
+        x = Dense(cfg.decoder_embed_dim, dtype=cfg.dtype, name="embed", **DENSE_INIT)(x)
         x = x + jnp.asarray(sincos_pos_embed_2d(cfg.decoder_embed_dim, cfg.grid_size), cfg.dtype)[None]
         x = transformer_blocks(
             x, depth=cfg.decoder_depth, num_heads=cfg.decoder_num_heads,
             mlp_ratio=cfg.mlp_ratio, dtype=cfg.dtype, remat=cfg.remat, prefix="blocks",
         )
         x = nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=cfg.dtype, name="norm")(x)
-        x = nn.Dense(cfg.patch_size**2 * 3, dtype=cfg.dtype, name="pred", **DENSE_INIT)(x)
+        x = Dense(cfg.patch_size**2 * 3, dtype=cfg.dtype, name="pred", **DENSE_INIT)(x)
         return x[:, 1:]
 
 

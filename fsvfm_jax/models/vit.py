@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsvfm_jax.sharding import constrain_batch, gather_for_use
+
 Dtype = Any
 
 VIT_LN_EPS = 1e-6
@@ -71,6 +73,37 @@ def unpatchify(patches: jnp.ndarray, patch_size: int, channels: int = 3) -> jnp.
     return x.reshape(b, g * p, g * p, channels)
 
 
+def _kernel_for_use(module: nn.Module, init, shape) -> jnp.ndarray:
+    """``module``'s ``kernel`` parameter of (full) ``shape``, gathered for use. Under ``shard_map``
+    it arrives as an fsdp shard, which ``self.param``'s shape check would reject, so an existing
+    kernel is read as a variable."""
+    if module.has_variable("params", "kernel"):
+        kernel = module.get_variable("params", "kernel")
+    else:
+        kernel = module.param("kernel", init, shape, jnp.float32)
+    return gather_for_use(kernel, shape)
+
+
+class Dense(nn.Module):
+    """``nn.Dense`` (same names, init order and numerics) whose kernel is gathered where it is
+    used, so an fsdp-sharded kernel costs one all-gather here and one reduce-scatter of its
+    gradient (ZeRO-3, docs/pod.md)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        shape = (x.shape[-1], self.features)
+        kernel = _kernel_for_use(self, self.kernel_init, shape)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y + bias
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one packed ``qkv`` projection (rows q | k | v, heads
     contiguous inside each), as timm's ``Attention``: explicit softmax of ``(q k^T) * scale``.
@@ -90,14 +123,14 @@ class Attention(nn.Module):
         if d % h:
             raise ValueError(f"width {d} is not divisible by {h} heads")
         head_dim = d // h
-        qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv", **DENSE_INIT)(x)
+        qkv = Dense(3 * d, dtype=self.dtype, name="qkv", **DENSE_INIT)(x)
         qkv = qkv.reshape(b, n, 3, h, head_dim).transpose(2, 0, 3, 1, 4).reshape(3, b * h, n, head_dim)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B*H, N, hd]
         logits = jnp.einsum("xqd,xkd->xqk", q, k) * head_dim**-0.5
         weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         out = jnp.einsum("xqk,xkd->xqd", weights, v)
         out = out.reshape(b, h, n, head_dim).transpose(0, 2, 1, 3).reshape(b, n, d)
-        return nn.Dense(d, dtype=self.dtype, name="proj", **DENSE_INIT)(out)
+        return Dense(d, dtype=self.dtype, name="proj", **DENSE_INIT)(out)
 
 
 def gelu(x: jnp.ndarray) -> jnp.ndarray:
@@ -113,9 +146,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         d = x.shape[-1]
-        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **DENSE_INIT)(x)
+        x = Dense(self.hidden_dim, dtype=self.dtype, name="fc1", **DENSE_INIT)(x)
         x = gelu(x)
-        return nn.Dense(d, dtype=self.dtype, name="fc2", **DENSE_INIT)(x)
+        return Dense(d, dtype=self.dtype, name="fc2", **DENSE_INIT)(x)
 
 
 class Block(nn.Module):
@@ -148,6 +181,25 @@ class Block(nn.Module):
         return x
 
 
+class PatchConv(nn.Module):
+    """``nn.Conv`` with kernel = stride = ``p`` and VALID padding (same names and numerics), its
+    kernel gathered where used like :class:`Dense`: ``[B, H, W, C]`` -> ``[B, H/p, W/p, D]``."""
+
+    patch_size: int
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
+        p = self.patch_size
+        shape = (p, p, images.shape[-1], self.features)
+        kernel = _kernel_for_use(self, _xavier_uniform_conv, shape)
+        bias = self.param("bias", _torch_default_conv_bias(shape[2] * p * p), (self.features,), jnp.float32)
+        images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
+        x = jax.lax.conv_general_dilated(images, kernel, (p, p), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return x + bias
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping ``p x p`` convolution: ``[B, H, W, 3]`` -> ``[B, L, D]`` (row-major tokens)."""
 
@@ -157,17 +209,7 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
-        p = self.patch_size
-        x = nn.Conv(
-            self.embed_dim,
-            kernel_size=(p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=self.dtype,
-            kernel_init=_xavier_uniform_conv,
-            bias_init=_torch_default_conv_bias(3 * p * p),
-            name="proj",
-        )(images)
+        x = PatchConv(self.patch_size, self.embed_dim, dtype=self.dtype, name="proj")(images)
         b, gh, gw, d = x.shape
         return x.reshape(b, gh * gw, d)
 
@@ -193,6 +235,22 @@ def _torch_default_conv_bias(fan_in: int):
 
 
 
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
+def remat_block(remat):
+    """``Block`` under a rematerialisation policy: ``"none"`` keeps every activation for the
+    backward pass; ``"full"`` keeps only block inputs and recomputes the rest; ``"dots_saveable"``
+    keeps matmul outputs and recomputes the cheap elementwise ops. ``True``/``False`` mean
+    ``"full"``/``"none"``."""
+    remat = {True: "full", False: "none"}.get(remat, remat)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    if remat == "none":
+        return Block
+    return nn.remat(Block, policy=jax.checkpoint_policies.dots_saveable if remat == "dots_saveable" else None)
+
+
 def transformer_blocks(x, *, depth, num_heads, mlp_ratio, dtype, remat, prefix, drop_path: float = 0.0,
                        deterministic: bool = True):
     """Apply ``depth`` blocks named ``{prefix}_{i}`` (timm's ``blocks.{i}``) inside a compact module.
@@ -201,11 +259,12 @@ def transformer_blocks(x, *, depth, num_heads, mlp_ratio, dtype, remat, prefix, 
     ``drop_path`` is spread linearly over the blocks, 0 for the first to ``drop_path`` for the
     last (timm's ``linspace(0, rate, depth)``).
     """
-    block_cls = nn.remat(Block) if remat else Block
+    block_cls = remat_block(remat)
     rates = np.linspace(0.0, drop_path, depth)
+    x = constrain_batch(x)
     for i in range(depth):
-        x = block_cls(num_heads, mlp_ratio, dtype=dtype, drop_path=float(rates[i]), deterministic=deterministic,
-                      name=f"{prefix}_{i}")(x)
+        x = constrain_batch(block_cls(num_heads, mlp_ratio, dtype=dtype, drop_path=float(rates[i]),
+                                      deterministic=deterministic, name=f"{prefix}_{i}")(x))
     return x
 
 
@@ -223,7 +282,7 @@ class ViTEncoder(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = "none"  # REMAT_POLICIES
 
     @property
     def grid_size(self) -> int:

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from fsvfm_jax import checkpoint, observe, sharding
+from fsvfm_jax.config import accum_steps, compute_dtype, fsdp_size
 from fsvfm_jax.data import stats
 from fsvfm_jax.data.pipeline import make_pretrain_dataset
 from fsvfm_jax.metric_writer import MetricWriter
@@ -37,10 +38,12 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def model_config(config: ml_collections.ConfigDict):
+def model_config(config: ml_collections.ConfigDict, platform: str | None = None):
+    """The architecture and its run-time choices (activation dtype for ``platform``, remat)."""
     m = config.model
+    dtype = compute_dtype(m.dtype, platform or jax.default_backend())
     return fsfm_config(m.size, img_size=m.img_size, rep_decoder_pos_embed=m.rep_decoder_pos_embed,
-                       dtype=jnp.dtype(m.dtype), remat=m.remat)
+                       dtype=jnp.dtype(dtype), remat=m.remat)
 
 
 def _setup_workdir(workdir: Path, config, resume: bool) -> None:
@@ -125,10 +128,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         observe.enable_compilation_cache(config.compilation_cache_dir)
 
     # --- mesh ------------------------------------------------------------------------------
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    sharding.check_batch_fits(config.global_batch_size, config.accum_steps, mesh)
-    log.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape), mesh.size,
-             jax.devices()[0].platform, jax.process_count())
+    mesh = sharding.make_mesh(config.mesh.data, fsdp_size(config, jax.local_device_count()),
+                              dcn_data=config.mesh.dcn_data)
+    accum = accum_steps(config, mesh.size)
+    sharding.check_batch_fits(config.global_batch_size, accum, mesh)
+    log.info("mesh %s over %d devices (%s), %d process(es); %d micro-batch(es) of %d per device",
+             dict(mesh.shape), mesh.size, jax.devices()[0].platform, jax.process_count(), accum,
+             config.global_batch_size // accum // mesh.size)
 
     # --- input pipeline ----------------------------------------------------------------------
     mcfg = model_config(config)
@@ -153,11 +159,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     optimizer = make_optimizer(lr_fn, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
                                clip_grad=config.clip_grad or None)
     micro = config.ema.cadence == "micro"
-    momentum_fn = momentum_schedule(config.ema.momentum, total_steps * (config.accum_steps if micro else 1),
+    momentum_fn = momentum_schedule(config.ema.momentum, total_steps * (accum if micro else 1),
                                     config.ema.final_momentum)
-    loss_fn = make_loss_fn(mcfg, mask_ratio=config.data.mask_ratio, mean=mean, std=std, **config.loss.to_dict())
-    step_fn = make_train_step(loss_fn, optimizer, lr_fn=lr_fn, momentum_fn=momentum_fn,
-                              accum_steps=config.accum_steps, ema_cadence=config.ema.cadence)
 
     # --- sharded init (no full copy on one device) -----------------------------------------------
     def init(rng):
@@ -167,6 +170,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     state_shardings = sharding.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
     n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
     log.info("model %s: %.2fM online parameters, peak lr %.3g", config.model.size, n_params / 1e6, peak_lr)
+    loss_fn = make_loss_fn(mcfg, mask_ratio=config.data.mask_ratio, mean=mean, std=std, **config.loss.to_dict())
+    step_fn = make_train_step(loss_fn, optimizer, lr_fn=lr_fn, momentum_fn=momentum_fn,
+                              accum_steps=accum, ema_cadence=config.ema.cadence,
+                              mesh=mesh, state_shardings=state_shardings)
 
     # Compile before the loop: an out-of-memory configuration fails here, with its numbers.
     gb, img, num_patches = config.global_batch_size, mcfg.img_size, mcfg.num_patches
@@ -180,12 +187,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         log.info("compiled the train step in %.1f s; per device: arguments %.1f MiB, temporaries %.1f MiB",
                  time.perf_counter() - t, memory.argument_size_in_bytes / 2**20, memory.temp_size_in_bytes / 2**20)
     flops = observe.compiled_flops(train_step)
-    if config.accum_steps > 1:  # XLA counts the scan over micro-batches once: count one micro-step instead
-        micro_batch = {k: jax.ShapeDtypeStruct((gb // config.accum_steps, *v.shape[1:]), v.dtype)
+    if accum > 1:  # XLA counts the scan over micro-batches once: count one micro-step instead
+        micro_batch = {k: jax.ShapeDtypeStruct((gb // accum, *v.shape[1:]), v.dtype)
                        for k, v in abstract_batch.items()}
         micro_step = make_train_step(loss_fn, optimizer, lr_fn=lr_fn, momentum_fn=momentum_fn, ema_cadence=config.ema.cadence)
-        flops = config.accum_steps * observe.lowered_flops(jax.jit(micro_step).lower(abstract_state, micro_batch)) / mesh.size
-    peak = observe.peak_flops(jax.devices()[0].device_kind, config.model.dtype, config.model.matmul_precision)
+        flops = accum * observe.lowered_flops(jax.jit(micro_step).lower(abstract_state, micro_batch)) / mesh.size
+    peak = observe.peak_flops(jax.devices()[0].device_kind, jnp.dtype(mcfg.dtype).name, config.model.matmul_precision)
     log.info("train step: %s GFLOP per device (XLA cost analysis); peak %s TFLOP/s per %s",
              f"{flops / 1e9:.4g}" if flops else "unknown", f"{peak / 1e12:.4g}" if peak else "unknown",
              jax.devices()[0].device_kind)

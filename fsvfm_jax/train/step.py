@@ -12,17 +12,20 @@ what the published multi-GPU launch effectively trained with).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fsvfm_jax.losses import pretrain_loss
 from fsvfm_jax.models.fsfm import FSFMConfig, FSFMOnline, FSFMTarget
 from fsvfm_jax.models.vit import patchify
 from fsvfm_jax.optim import ema_update
-from fsvfm_jax.sharding import batch_sharding, replicated
+from fsvfm_jax.sharding import BATCH_AXES, batch_sharding, replicated
 
 EMA_CADENCES = ("step", "micro", "frozen")
 
@@ -33,23 +36,41 @@ def normalize_images(images_u8: jnp.ndarray, mean: Sequence[float], std: Sequenc
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """The pretraining loss in two halves, so the train step can run the networks per device
+    (``forward``: every output row depends on its input row only) and keep the objective's
+    batch-global means global (``objective``). Calling it composes both:
+    ``loss(params, target_params, batch) -> (total, metrics)``."""
+
+    forward: Callable  # (params, target_params, batch) -> {pred [B,L,p*p*3], p [B,P], z [B,P]}
+    objective: Callable  # (outputs, batch) -> (total, metrics)
+
+    def __call__(self, params, target_params, batch):
+        return self.objective(self.forward(params, target_params, batch), batch)
+
+
 def make_loss_fn(model_cfg: FSFMConfig, *, mask_ratio: float, mean, std, norm_pix=True, weight_fr=0.007,
-                 weight_cl=0.1, cl_loss="simsiam", temperature=0.1, positives_only=False):
-    """``loss_fn(params, target_params, batch) -> (total, metrics)`` for one (micro-)batch."""
+                 weight_cl=0.1, cl_loss="simsiam", temperature=0.1, positives_only=False) -> Loss:
+    """The loss of one (micro-)batch, see :class:`Loss`."""
     online, target = FSFMOnline(model_cfg), FSFMTarget(model_cfg)
     n_keep = model_cfg.n_keep(mask_ratio)
 
-    def loss_fn(params, target_params, batch):
+    def forward(params, target_params, batch):
         images = normalize_images(batch["image"], mean, std)
         out = online.apply({"params": params}, images, batch["img_mask"], n_keep)
         z = jax.lax.stop_gradient(target.apply({"params": target_params}, images)["z"])
+        return dict(pred=out["pred"], p=out["p"], z=z)
+
+    def objective(outputs, batch):
+        images = normalize_images(batch["image"], mean, std)
         return pretrain_loss(
-            out["pred"], patchify(images, model_cfg.patch_size), out["p"], z,
+            outputs["pred"], patchify(images, model_cfg.patch_size), outputs["p"], outputs["z"],
             batch["img_mask"], batch["fr_mask"], norm_pix=norm_pix, weight_fr=weight_fr,
             weight_cl=weight_cl, cl_loss=cl_loss, temperature=temperature, positives_only=positives_only,
         )
 
-    return loss_fn
+    return Loss(forward, objective)
 
 
 def init_state(params, target, optimizer: optax.GradientTransformation) -> dict:
@@ -67,28 +88,72 @@ def _split_micro(batch, accum_steps: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, lr_fn: Callable,
-                    momentum_fn: Callable, accum_steps: int = 1, ema_cadence: str = "step"):
+def per_device_grads(loss: Loss, mesh, state_shardings):
+    """``grads_fn(params, target, batch) -> ((total, metrics), grads)`` for one micro-batch, with
+    the networks run per device (``shard_map``) and the objective global.
+
+    ZeRO-3 by construction: kernels are all-gathered over ``fsdp`` where each layer uses them, and
+    the transpose of that gather reduce-scatters their gradients. The parameters enter once per
+    data replica (a leading axis of size ``data``, split over the data axes: a local copy of the
+    shard each device already holds), so the returned gradients stay per replica, ``[data, ...]``
+    and sharded like the parameters: summing that axis is the data-axis all-reduce, which the
+    step does once per optimizer step, after accumulation (docs/pod.md).
+    """
+    data_axes = tuple(a for a in BATCH_AXES if a != "fsdp")
+    n_data = int(np.prod([mesh.shape[a] for a in data_axes]))
+    specs = jax.tree.map(lambda s: s.spec, state_shardings)
+    replica_specs = jax.tree.map(lambda s: P(data_axes, *s), specs["params"])
+    batch_spec = P(BATCH_AXES)
+
+    def local_forward(replicas, target, batch):
+        return loss.forward(jax.tree.map(lambda x: x[0], replicas), target, batch)
+
+    forward = jax.shard_map(local_forward, mesh=mesh, in_specs=(replica_specs, specs["target"], batch_spec),
+                            out_specs=batch_spec)
+
+    def replicate(params):
+        shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), replica_specs)
+        return jax.lax.with_sharding_constraint(
+            jax.tree.map(lambda x: jnp.broadcast_to(x, (n_data, *x.shape)), params), shardings)
+
+    def grads_fn(replicas, target, batch):
+        return jax.value_and_grad(lambda r: loss.objective(forward(r, target, batch), batch), has_aux=True)(replicas)
+
+    return replicate, grads_fn
+
+
+def make_train_step(loss_fn: Loss, optimizer: optax.GradientTransformation, *, lr_fn: Callable,
+                    momentum_fn: Callable, accum_steps: int = 1, ema_cadence: str = "step",
+                    mesh=None, state_shardings=None):
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     ``momentum_fn`` is indexed by optimizer step for ``"step"`` cadence and by micro-iteration
     (``step * accum_steps + j``) for ``"micro"``. A non-finite loss leaves the state untouched
     except the step count, and reports ``nonfinite = 1`` so the loop can stop (the published code
     exits on a non-finite loss).
+    With ``mesh`` and ``state_shardings`` the gradients are computed per device, ZeRO-3
+    (:func:`per_device_grads`); without, by plain autodiff (one device, or XLA's choice).
     """
     if ema_cadence not in EMA_CADENCES:
         raise ValueError(f"ema_cadence must be one of {EMA_CADENCES}, got {ema_cadence!r}")
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if mesh is not None:
+        replicate, grad_fn = per_device_grads(loss_fn, mesh, state_shardings)
+        reduce_replicas = lambda g: jax.lax.with_sharding_constraint(
+            jax.tree.map(lambda x: x.sum(0), g), state_shardings["params"])
+    else:
+        replicate, grad_fn = (lambda p: p), jax.value_and_grad(loss_fn, has_aux=True)
+        reduce_replicas = lambda g: g
 
     def train_step(state, batch):
         step, params, target = state["step"], state["params"], state["target"]
+        replicas = replicate(params)
         if accum_steps == 1:
-            (_, metrics), grads = grad_fn(params, target, batch)
+            (_, metrics), grads = grad_fn(replicas, target, batch)
         else:
             def micro(carry, xs):
                 grads_sum, target = carry
                 j, micro_batch = xs
-                (_, m), g = grad_fn(params, target, micro_batch)
+                (_, m), g = grad_fn(replicas, target, micro_batch)
                 grads_sum = jax.tree.map(jnp.add, grads_sum, g)
                 if ema_cadence == "micro":  # the last micro-step's EMA follows the update below
                     momentum = momentum_fn(step * accum_steps + j)
@@ -96,11 +161,12 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
                                           lambda t: t, target)
                 return (grads_sum, target), m
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
+            zeros = jax.tree.map(jnp.zeros_like, replicas)
             xs = (jnp.arange(accum_steps), _split_micro(batch, accum_steps))
             (grads, target), metrics = jax.lax.scan(micro, (zeros, target), xs)
             grads = jax.tree.map(lambda g: g / accum_steps, grads)
             metrics = jax.tree.map(jnp.mean, metrics)
+        grads = reduce_replicas(grads)  # the data-axis reduction: once per optimizer step
 
         updates, opt = optimizer.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
@@ -131,5 +197,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 def jit_train_step(train_step, state_shardings, mesh):
     """Compile for a mesh: state placed by ``state_shardings``, batch split over the batch axes,
     metrics replicated, and the input state donated (updated in place)."""
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+
+    def step_on_mesh(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return train_step(state, batch)
+
+    return jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
