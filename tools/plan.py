@@ -1,6 +1,8 @@
-"""Compile a recipe ahead of time for a device count and report per-device memory (fsvfm-plan)."""
+"""``fsvfm-plan`` from a checkout: the code is fsvfm_jax/cli/plan.py."""
+
+import sys
 
 from fsvfm_jax.cli.plan import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
