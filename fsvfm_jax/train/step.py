@@ -106,7 +106,11 @@ def per_device_grads(loss: Loss, mesh, state_shardings):
     batch_spec = P(BATCH_AXES)
 
     def local_forward(replicas, target, batch):
-        return loss.forward(jax.tree.map(lambda x: x[0], replicas), target, batch)
+        # Leaves not split over fsdp become per-device values here, so the transpose (a psum over
+        # fsdp) reduces their parameter-shaped gradient, not an activation-shaped one.
+        params = jax.tree.map(lambda x, spec: x[0] if "fsdp" in spec else jax.lax.pcast(x[0], "fsdp", to="varying"),
+                              replicas, specs["params"])
+        return loss.forward(params, target, batch)
 
     forward = jax.shard_map(local_forward, mesh=mesh, in_specs=(replica_specs, specs["target"], batch_spec),
                             out_specs=batch_spec)
