@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fsvfm_jax.cli.plan import Plan, suggest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # two compiles for 8 simulated devices: ~1 min on 2 cores
 def test_fsdp_shrinks_the_state_and_a_small_hbm_does_not_fit():
     """The tiny recipe on 8 simulated devices: fsdp 8 holds under half the argument bytes of
     fsdp 1 (its kernels' state is split 8 ways; small leaves stay whole); with 1 MiB of device
