@@ -65,9 +65,9 @@ def check_zero3(results, data, fsdp):
             assert all(c["op"] != "all-gather" or _is_matrix(c["shapes"][0]) for c in r["collectives"])
         else:
             assert counts["reduce-scatter"] == counts["all-gather"] == 0, counts
-    # Accumulation adds no gradient reduction: the same reductions, the data-axis one after the loop.
+    # Accumulation adds no gradient reduction (XLA may combine some), the data-axis one after the loop.
     for op in ("all-reduce", "reduce-scatter"):
-        assert _counts(two)[op] == _counts(one)[op], (op, _counts(one), _counts(two))
+        assert _counts(two)[op] <= _counts(one)[op], (op, _counts(one), _counts(two))
     for c in two["collectives"]:
         if c["op"] == "all-reduce" and c["in_loop"]:  # per micro-batch: loss sums, small-vector grads over fsdp
             assert not any(_is_matrix(s) for s in c["shapes"]), c
