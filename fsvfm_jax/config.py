@@ -28,6 +28,7 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
     c.model.rep_decoder_pos_embed = "zeros"  # published checkpoints; "sincos" is an option
     c.model.dtype = "auto"  # activations: "auto" = bfloat16 on GPU/TPU, float32 on CPU (params stay fp32)
     c.model.remat = "none"  # "none" | "full" | "dots_saveable": recompute block activations in backward
+    c.model.scan_blocks = False  # nn.scan over blocks: faster compiles at L/H; checkpoints unchanged
     c.model.matmul_precision = "default"  # "highest" forces full fp32 matmuls on GPU/TPU
 
     c.data = ml_collections.ConfigDict()

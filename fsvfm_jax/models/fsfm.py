@@ -26,6 +26,7 @@ from fsvfm_jax.models.vit import (
     ViTEncoder,
     remat_block,
     sincos_pos_embed_2d,
+    stack_blocks,
     transformer_blocks,
 )
 
@@ -56,6 +57,9 @@ class FSFMConfig:
     rep_decoder_pos_embed: str = "zeros"
     dtype: Any = jnp.float32
     remat: Any = "none"  # vit.REMAT_POLICIES, or a bool
+    # nn.scan over the blocks: compile time independent of depth. The modules then take stacked
+    # block parameters (params_for_apply); parameters everywhere else stay per block.
+    scan_blocks: bool = False
 
     def __post_init__(self):
         remat_block(self.remat)  # validates the policy
@@ -151,7 +155,7 @@ class RepDecoder(nn.Module):
             x = x + jnp.asarray(sincos_pos_embed_2d(e, cfg.grid_size), cfg.dtype)[None]
         x = transformer_blocks(
             x, depth=cfg.rep_decoder_depth, num_heads=cfg.rep_decoder_num_heads,
-            mlp_ratio=cfg.mlp_ratio, dtype=cfg.dtype, remat=cfg.remat, prefix="blocks",
+            mlp_ratio=cfg.mlp_ratio, dtype=cfg.dtype, remat=cfg.remat, prefix="blocks", scan=cfg.scan_blocks,
         )
         x = nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=cfg.dtype, name="norm")(x)
         return Dense(cfg.embed_dim, dtype=cfg.dtype, name="pred", **DENSE_INIT)(x)
@@ -172,7 +176,7 @@ class PixelDecoder(nn.Module):
         x = x + jnp.asarray(sincos_pos_embed_2d(cfg.decoder_embed_dim, cfg.grid_size), cfg.dtype)[None]
         x = transformer_blocks(
             x, depth=cfg.decoder_depth, num_heads=cfg.decoder_num_heads,
-            mlp_ratio=cfg.mlp_ratio, dtype=cfg.dtype, remat=cfg.remat, prefix="blocks",
+            mlp_ratio=cfg.mlp_ratio, dtype=cfg.dtype, remat=cfg.remat, prefix="blocks", scan=cfg.scan_blocks,
         )
         x = nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=cfg.dtype, name="norm")(x)
         x = Dense(cfg.patch_size**2 * 3, dtype=cfg.dtype, name="pred", **DENSE_INIT)(x)
@@ -185,7 +189,7 @@ def vit_encoder(cfg: FSFMConfig, name: str | None = None) -> ViTEncoder:
     return ViTEncoder(
         img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
         depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-        dtype=cfg.dtype, remat=cfg.remat, name=name,
+        dtype=cfg.dtype, remat=cfg.remat, scan=cfg.scan_blocks, name=name,
     )
 
 
@@ -253,8 +257,15 @@ class FSFMTarget(nn.Module):
         return dict(latent=latent, rep=rep, projection=projection, z=l2_normalize(projection))
 
 
+def params_for_apply(cfg: FSFMConfig, params):
+    """Parameters (per-block layout, as stored) in the layout ``cfg``'s modules apply."""
+    return stack_blocks(params) if cfg.scan_blocks else params
+
+
 def init_params(cfg: FSFMConfig, rng: jax.Array, batch_size: int = 1):
-    """Initialise ``(online, target)``; the target starts as an exact copy of the shared leaves."""
+    """Initialise ``(online, target)``; the target starts as an exact copy of the shared leaves.
+    Always in the per-block layout (the same values with or without ``scan_blocks``)."""
+    cfg = dataclasses.replace(cfg, scan_blocks=False)
     images = jnp.zeros((batch_size, cfg.img_size, cfg.img_size, 3), jnp.float32)
     mask = jnp.zeros((batch_size, cfg.num_patches), jnp.bool_)
     online = FSFMOnline(cfg).init(rng, images, mask, cfg.num_patches)["params"]

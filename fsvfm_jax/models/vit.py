@@ -251,21 +251,72 @@ def remat_block(remat):
     return nn.remat(Block, policy=jax.checkpoint_policies.dots_saveable if remat == "dots_saveable" else None)
 
 
+class ScanBody(nn.Module):
+    """One block as the body of ``nn.scan``: ``(x, None) -> (x, None)``; its parameters sit under
+    ``block`` with a leading ``depth`` axis (see :func:`stack_blocks`)."""
+
+    block_cls: Any
+    num_heads: int
+    mlp_ratio: float
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x, _):
+        return constrain_batch(self.block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype, name="block")(x)), None
+
+
 def transformer_blocks(x, *, depth, num_heads, mlp_ratio, dtype, remat, prefix, drop_path: float = 0.0,
-                       deterministic: bool = True):
+                       deterministic: bool = True, scan: bool = False):
     """Apply ``depth`` blocks named ``{prefix}_{i}`` (timm's ``blocks.{i}``) inside a compact module.
 
     ``remat`` recomputes block activations in the backward pass: memory for large batches.
     ``drop_path`` is spread linearly over the blocks, 0 for the first to ``drop_path`` for the
-    last (timm's ``linspace(0, rate, depth)``).
+    last (timm's ``linspace(0, rate, depth)``). ``scan`` compiles one block and loops over it
+    (``nn.scan``: compile time independent of depth); it expects the parameters stacked under
+    ``{prefix}`` (:func:`stack_blocks`), while checkpoints and exports keep ``{prefix}_{i}``.
     """
     block_cls = remat_block(remat)
-    rates = np.linspace(0.0, drop_path, depth)
     x = constrain_batch(x)
+    if scan:
+        if drop_path:
+            raise ValueError("scan over blocks takes one block definition: drop_path needs the unrolled loop")
+        body = nn.scan(ScanBody, variable_axes={"params": 0}, split_rngs={"params": True}, length=depth)
+        return body(block_cls, num_heads, mlp_ratio, dtype, name=prefix)(x, None)[0]
+    rates = np.linspace(0.0, drop_path, depth)
     for i in range(depth):
         x = constrain_batch(block_cls(num_heads, mlp_ratio, dtype=dtype, drop_path=float(rates[i]),
                                       deterministic=deterministic, name=f"{prefix}_{i}")(x))
     return x
+
+
+def stack_blocks(tree, prefix: str = "blocks"):
+    """Per-block parameters ``{prefix}_{i}`` -> one stacked ``{prefix}: {block: [depth, ...]}``, at
+    every level of a parameter tree (encoder and decoders): the layout ``scan`` applies."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: stack_blocks(v, prefix) for k, v in tree.items() if _block_index(k, prefix) is None}
+    depth = sum(_block_index(k, prefix) is not None for k in tree)
+    if depth:
+        blocks = [tree[f"{prefix}_{i}"] for i in range(depth)]
+        out[prefix] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    return out
+
+
+def unstack_blocks(tree, prefix: str = "blocks"):
+    """Inverse of :func:`stack_blocks`."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: unstack_blocks(v, prefix) for k, v in tree.items() if k != prefix}
+    if isinstance(tree.get(prefix), dict) and set(tree[prefix]) == {"block"}:
+        stacked = tree[prefix]["block"]
+        depth = jax.tree.leaves(stacked)[0].shape[0]
+        out.update({f"{prefix}_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(depth)})
+    return out
+
+
+def _block_index(key: str, prefix: str):
+    head, _, index = key.rpartition("_")
+    return int(index) if head == prefix and index.isdigit() else None
 
 
 class ViTEncoder(nn.Module):
@@ -283,6 +334,7 @@ class ViTEncoder(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     remat: Any = "none"  # REMAT_POLICIES
+    scan: bool = False  # nn.scan over the blocks (stacked parameters, see transformer_blocks)
 
     @property
     def grid_size(self) -> int:
@@ -304,6 +356,6 @@ class ViTEncoder(nn.Module):
         x = jnp.concatenate([cls, x], axis=1)
         x = transformer_blocks(
             x, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-            dtype=self.dtype, remat=self.remat, prefix="blocks",
+            dtype=self.dtype, remat=self.remat, prefix="blocks", scan=self.scan,
         )
         return nn.LayerNorm(epsilon=VIT_LN_EPS, dtype=self.dtype, name="norm")(x)

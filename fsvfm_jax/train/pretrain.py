@@ -43,7 +43,7 @@ def model_config(config: ml_collections.ConfigDict, platform: str | None = None)
     m = config.model
     dtype = compute_dtype(m.dtype, platform or jax.default_backend())
     return fsfm_config(m.size, img_size=m.img_size, rep_decoder_pos_embed=m.rep_decoder_pos_embed,
-                       dtype=jnp.dtype(dtype), remat=m.remat)
+                       dtype=jnp.dtype(dtype), remat=m.remat, scan_blocks=m.scan_blocks)
 
 
 def _setup_workdir(workdir: Path, config, resume: bool) -> None:

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fsvfm_jax.losses import pretrain_loss
-from fsvfm_jax.models.fsfm import FSFMConfig, FSFMOnline, FSFMTarget
+from fsvfm_jax.models.fsfm import FSFMConfig, FSFMOnline, FSFMTarget, params_for_apply
 from fsvfm_jax.models.vit import patchify
 from fsvfm_jax.optim import ema_update
 from fsvfm_jax.sharding import BATCH_AXES, batch_sharding, replicated
@@ -58,8 +58,9 @@ def make_loss_fn(model_cfg: FSFMConfig, *, mask_ratio: float, mean, std, norm_pi
 
     def forward(params, target_params, batch):
         images = normalize_images(batch["image"], mean, std)
-        out = online.apply({"params": params}, images, batch["img_mask"], n_keep)
-        z = jax.lax.stop_gradient(target.apply({"params": target_params}, images)["z"])
+        out = online.apply({"params": params_for_apply(model_cfg, params)}, images, batch["img_mask"], n_keep)
+        z = target.apply({"params": params_for_apply(model_cfg, target_params)}, images)["z"]
+        z = jax.lax.stop_gradient(z)
         return dict(pred=out["pred"], p=out["p"], z=z)
 
     def objective(outputs, batch):
