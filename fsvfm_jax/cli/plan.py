@@ -1,7 +1,7 @@
 """Will a recipe fit the devices? Compile its train step ahead of time and read the memory.
 
     fsvfm-plan --config configs/pretrain_vit_large.py --devices 64 --fsdp 1,8,64 \
-        --remat none,full --hbm 16 [--json] [--topology v5e:8x8]
+        --remat none,full --hbm 16 [--scan-blocks] [--json] [--topology v5e:8x8]
 
 Nothing runs and nothing is allocated: the step is lowered on abstract inputs
 (``jax.jit(...).lower(...).compile()``) for ``--devices`` simulated CPU devices, or for a TPU
@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--global-batch", type=int, help="override global_batch_size")
     p.add_argument("--per-device-batch", type=int, help="override per_device_batch")
     p.add_argument("--img-size", type=int, help="override model.img_size")
+    p.add_argument("--scan-blocks", action="store_true", help="model.scan_blocks=True (much faster compiles at L/H)")
     p.add_argument("--platform", default="gpu", choices=("gpu", "tpu", "cpu"),
                    help='the target backend: sets what model.dtype="auto" means (bf16 on gpu/tpu)')
     p.add_argument("--hbm", type=float, help="device memory in GiB for the verdict")
@@ -153,6 +154,8 @@ def main(argv=None):
         config.per_device_batch = args.per_device_batch
     if args.img_size:
         config.model.img_size = args.img_size
+    if args.scan_blocks:
+        config.model.scan_blocks = True
     n = len(devices)
     fsdps = args.fsdp or [f for f in (1, 2, 4, 8, 16, 32, 64, 128, 256) if f <= n and n % f == 0]
     remats = [r.strip() for r in args.remat.split(",") if r.strip()]
