@@ -183,13 +183,14 @@ class PixelDecoder(nn.Module):
         return x[:, 1:]
 
 
-def vit_encoder(cfg: FSFMConfig, name: str | None = None) -> ViTEncoder:
+def vit_encoder(cfg: FSFMConfig, name: str | None = None, scan: bool = False) -> ViTEncoder:
     """The encoder of an FS-VFM size, ``[B, S, S, 3]`` -> ``[B, 1 + K, D]``: the one place a
-    ``ViTEncoder`` is built from a config (networks, exports and tests alike)."""
+    ``ViTEncoder`` is built from a config (networks, exports and tests alike). Exports and tests
+    apply it to stored (per-block) parameters; the networks pass ``scan=cfg.scan_blocks``."""
     return ViTEncoder(
         img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
         depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-        dtype=cfg.dtype, remat=cfg.remat, scan=cfg.scan_blocks, name=name,
+        dtype=cfg.dtype, remat=cfg.remat, scan=scan, name=name,
     )
 
 
@@ -227,7 +228,7 @@ class FSFMOnline(nn.Module):
         if cfg.rep_decoder_embed_dim != cfg.embed_dim:
             raise ValueError("the shared mask token needs rep_decoder_embed_dim == embed_dim")
         ids_keep, ids_restore = shuffle_ids(img_mask, n_keep)
-        latent = vit_encoder(cfg, name="encoder")(images, ids_keep)
+        latent = vit_encoder(cfg, name="encoder", scan=cfg.scan_blocks)(images, ids_keep)
         mask_token = _mask_token(self, cfg)
         rep = RepDecoder(cfg, name="rep_decoder")(latent, mask_token, ids_restore)
         projection = _pooled_projection(self, cfg, rep)
@@ -250,7 +251,7 @@ class FSFMTarget(nn.Module):
     @nn.compact
     def __call__(self, images):
         cfg = self.cfg
-        latent = vit_encoder(cfg, name="encoder")(images)
+        latent = vit_encoder(cfg, name="encoder", scan=cfg.scan_blocks)(images)
         mask_token = _mask_token(self, cfg)
         rep = RepDecoder(cfg, name="rep_decoder")(latent, mask_token, None)
         projection = _pooled_projection(self, cfg, rep)
