@@ -256,10 +256,11 @@ def predict_patches(params, cfg, images, img_mask, mean, std, *, mask_ratio: flo
     [B, L]`` (jittable: the device half of `reconstruct`)."""
     import jax.numpy as jnp
 
-    from fsvfm_jax.models.fsfm import FSFMOnline
+    from fsvfm_jax.models.fsfm import FSFMOnline, params_for_apply
     from fsvfm_jax.train.step import normalize_images
 
     x = normalize_images(jnp.asarray(images), mean, std)
+    params = params_for_apply(cfg, params)  # stored per block; stacked when cfg scans
     return FSFMOnline(cfg).apply({"params": params}, x, jnp.asarray(img_mask), cfg.n_keep(mask_ratio))["pred"]
 
 
