@@ -35,7 +35,7 @@ def test_stacking_round_trips_every_block_level():
     assert _max_diff(unstack_blocks(stacked), online) == 0.0
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
 def test_scan_equals_loop_in_loss_gradients_step_and_export(remat):
     """Loss and gradients within 1e-6: the scanned block runs the same float32 ops, XLA may fuse
     them differently. Parameters after one AdamW step (and their export) within 2e-4: Adam's
