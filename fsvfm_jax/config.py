@@ -213,7 +213,7 @@ def accum_steps(config: ml_collections.ConfigDict, devices: int) -> int:
         return config.accum_steps
     gb = config.global_batch_size
     if gb % devices:
-        raise ValueError(f"global batch {gb} does not divide over {devices} devices")
+        raise ValueError(f"global batch {gb} does not divide over the {devices} devices; choose a multiple of {devices}")
     per_device = gb // devices
     if config.per_device_batch < 1:
         raise ValueError(f"per_device_batch must be >= 1 (or set accum_steps), got {config.per_device_batch}")
