@@ -146,6 +146,9 @@ def finetune_config(size: str = "base", task: str = "dfd", adapter: bool = False
     c.data.read_threads = 2
     c.data.val_resize = "center_crop"  # published validation: Resize(256) + CenterCrop(224)
     c.data.test_resize = "resize"  # published test scripts: Resize((224, 224))
+    # "shuffled" (DfD/DiFF); "paired": each real image next to the fake of the same name (self-blended
+    # fakes); "balanced": fas.per_group images per (source domain, class) (the FAS protocol)
+    c.data.sampler = "shuffled"
 
     c.aug = ml_collections.ConfigDict()
     c.aug.kind = "timm"  # RandomResizedCrop + flip + RandAugment m9 + random erasing; "fas"; "none"
@@ -183,6 +186,20 @@ def finetune_config(size: str = "base", task: str = "dfd", adapter: bool = False
         c.weight_decay, c.layer_decay = 0.0, 0.0
 
     c.eval_every_steps = 0  # 0: once per epoch (model selection on the lowest validation loss)
+    c.select_on = "val_loss"  # the published selection; "val_auc": the highest validation AUC
+    c.test_every_steps = 0  # > 0: also evaluate the test sets every N steps (the published FAS reporting)
+
+    # Cross-domain FAS (docs/downstream.md, "FAS protocol"): a leave-one-out protocol by name (M, C,
+    # I, O, cefa, surf, wmca; OCI2M...) or your own sources + target, from domain folders/lists below roots
+    c.fas = ml_collections.ConfigDict()
+    c.fas.protocol = ""
+    c.fas.sources = ()
+    c.fas.target = ""
+    c.fas.roots = ()  # searched in order for each domain; empty: data.root
+    c.fas.per_group = 12  # images per (source, class) in every batch
+    c.fas.source_val = True  # the sources' test splits validate (selection, HTER threshold)
+    c.fas.test_frame1 = True  # published lists: test on frame0 and frame1 of every listed video
+    c.fas.video_sep = ""  # frame name -> video id; empty: the protocol's (MCIO "frame", WCS r"re:\d\d\.jpg$")
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
@@ -224,3 +241,35 @@ def accum_steps(config: ml_collections.ConfigDict, devices: int) -> int:
             f"global batch {gb} over {devices} devices is {per_device} images per device, not a multiple of "
             f"per_device_batch={config.per_device_batch}: choose a per-device batch dividing {per_device}")
     return per_device // config.per_device_batch
+
+
+# Published cross-domain FAS scripts: (lr, weight decay) per size; Adam with L2 decay, no schedule.
+FAS_RECIPES = {"small": (2.5e-5, 1e-6), "base": (2.5e-5, 1e-6), "large": (1e-5, 1e-5)}
+
+
+def fas_config(size: str = "base", protocol: str = "M") -> ml_collections.ConfigDict:
+    """The published leave-one-domain-out FAS recipe (docs/downstream.md, "FAS protocol"): full
+    fine-tuning with the embedder + normalised classifier head, 12 bona fide + 12 attack images
+    per source domain per step, Adam at a constant lr, 4000 steps, the target evaluated every 100."""
+    from fsvfm_jax.data.fas import FAS_CLASS_MAP
+
+    c = finetune_config(size)
+    c.fas.protocol = protocol
+    c.data.sampler = "balanced"
+    c.data.class_map = dict(FAS_CLASS_MAP)
+    c.data.val_resize = c.data.test_resize = "resize"
+    c.global_batch_size = 0  # from the sampler: per_group x 2 x sources (96 for MCIO, 72 for WCS)
+    c.model.embedder = True
+    c.model.drop_path = 0.0
+    c.aug.kind = "fas"
+    c.mixup.mixup_alpha = c.mixup.cutmix_alpha = 0.0
+    c.smoothing = 0.0
+    c.optimizer, c.schedule = "adam", "constant"
+    c.lr, c.weight_decay = FAS_RECIPES.get(size, (2.5e-5, 1e-6))
+    c.layer_decay = 1.0
+    c.total_steps = 4000
+    c.warmup_epochs = 0
+    c.eval_every_steps = 100
+    c.test_every_steps = 100
+    c.log_every_steps = 100
+    return c

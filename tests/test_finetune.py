@@ -99,6 +99,36 @@ def test_balanced_sampler_fills_each_group():
         assert sorted(r[4:].tolist()) == [10, 11]
 
 
+def test_paired_sampler_puts_each_real_next_to_its_own_fake(tmp_path):
+    _faces(tmp_path, n_per_class=6)
+    os.rename(tmp_path / "train/fake/v2_frame_1.png", tmp_path / "train/fake/orphan.png")
+    data = labeled.scan_split(tmp_path, "train")
+    pairs, unpaired = labeled.real_fake_pairs(data)
+    assert len(pairs) == 5 and unpaired == 2  # the renamed fake and the real it came from
+    s = fp.PairedSampler(pairs, seed=0)
+    rows = [s(q) for q in range(20)]  # two epochs of 5 pairs
+    for j in range(10):
+        real, fake = rows[2 * j], rows[2 * j + 1]
+        assert data.labels[real] == labeled.REAL and data.labels[fake] == labeled.FAKE
+        assert os.path.basename(data.paths[real]) == os.path.basename(data.paths[fake])
+    assert sorted(rows[:10:2]) == sorted(pairs[:, 0].tolist()) == sorted(rows[10::2])  # every pair once per epoch
+    lst = tmp_path / "list.txt"
+    lst.write_text("train/real/v0_frame_0.png 1\ntrain/fake/v0_frame_0.png 0\n")
+    with pytest.raises(labeled.DataError, match="needs an ImageFolder split"):
+        labeled.real_fake_pairs(labeled.read_list_file(lst))
+
+
+def test_model_selection_on_val_loss_or_auc():
+    from fsvfm_jax.train.finetune import improves
+
+    first, a, b = {"step": None}, {"val_loss": 0.5, "val_auc": 0.7, "step": 1}, {"val_loss": 0.6, "val_auc": 0.8}
+    assert improves(a, first, "val_loss") and improves(a, first, "val_auc")
+    assert not improves(b, a, "val_loss") and improves(b, a, "val_auc")
+    assert not improves({"val_loss": 0.5, "val_auc": 0.7}, a, "val_loss")  # a tie keeps the earlier step
+    with pytest.raises(ValueError, match="needs both classes"):
+        improves({"val_loss": 0.5}, a, "val_auc")
+
+
 def test_mixup_cutmix_targets_match_the_mixed_images():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((6, 16, 16, 3)), jnp.float32)
@@ -204,16 +234,29 @@ def test_finetune_end_to_end_select_predict_resume(tmp_path):
                 assert a[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
-@pytest.mark.slow  # ~60-90 s on 2 cores: 4 compiles of the step in a fresh 8-device process
-def test_fsdp_on_8_devices_gives_the_single_device_loss():
+def _multidevice_check(*flags):
     here = os.path.dirname(__file__)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.path.dirname(os.path.abspath(here)))
-    out = subprocess.run([sys.executable, os.path.join(here, "finetune_multidevice_check.py")], env=env,
+    out = subprocess.run([sys.executable, os.path.join(here, "finetune_multidevice_check.py"), *flags], env=env,
                          capture_output=True, text=True, timeout=600, cwd=os.path.dirname(here))
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps(res))
+    return res
+
+
+def test_fsdp8_full_finetuning_gives_the_single_device_loss():
+    """The default-run variant of the check below: full fine-tuning, 1 device vs fsdp over 8."""
+    res = _multidevice_check("--quick")
+    assert list(res) == ["fsdp8_linear"]
+    r = res["fsdp8_linear"]
+    assert r["n_sharded_leaves"] > 0 and r["loss_diff"] < 1e-5 and r["params_diff"] < 1e-5, r
+
+
+@pytest.mark.slow  # ~60-90 s on 2 cores: 4 compiles of the step in a fresh 8-device process
+def test_fsdp_on_8_devices_gives_the_single_device_loss():
+    res = _multidevice_check()
     for name, r in res.items():
         assert r["n_sharded_leaves"] > 0 or name.startswith("data"), name
         assert r["loss_diff"] < 1e-5, (name, r)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import sys
 
 from absl import logging as absl_logging
 
@@ -39,3 +40,16 @@ def shard_arg(text: str) -> tuple[int, int]:
     if not m or not int(m[1]) < int(m[2]):
         raise argparse.ArgumentTypeError(f"expected i/N with 0 <= i < N (e.g. 0/8 ... 7/8), got {text!r}")
     return int(m[1]), int(m[2])
+
+
+def absl_main(run, doc: str, module: str, argv=None):
+    """``main()`` of a tool built on absl flags: ``--help`` prints the tool's docstring and its own
+    flags (absl's lists only the flags of ``__main__``, here the console-script wrapper or the
+    tools/ shim, and exits 1); otherwise ``app.run(run)``."""
+    from absl import app, flags
+
+    argv = sys.argv if argv is None else argv
+    if any(a in ("-h", "-?", "--help", "--helpshort") for a in argv[1:]):
+        print(doc + flags.FLAGS.module_help(module))
+        return 0
+    app.run(run, argv=argv)

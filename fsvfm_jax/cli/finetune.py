@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from fsvfm_jax.cli.common import setup_logging
+from fsvfm_jax.cli.common import absl_main, setup_logging
 
 config_flags.DEFINE_config_file("config", None, "path to a configs/finetune_*.py file", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, predictions and logs")
@@ -42,11 +42,7 @@ def _run(argv):
 
 
 def main(argv=None):
-    argv = sys.argv if argv is None else argv
-    if any(a in ("-h", "-?", "--help", "--helpshort") for a in argv[1:]):
-        print(__doc__ + flags.FLAGS.module_help(__name__))
-        return 0
-    app.run(_run, argv=argv)
+    return absl_main(_run, __doc__, __name__, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ q])``) therefore depend on neither the host count nor the worker count, and a re
 Samplers:
 * ``shuffled`` (DfD/DiFF): a fresh permutation of the whole set per epoch (Grain's index
   shuffle), epochs laid end to end, so no image is dropped and batches may straddle epochs.
+* ``paired`` (self-blended fakes): each real image next to the fake made from it.
 * ``balanced`` (the FAS protocol): every global batch holds ``per_group`` images from each
   (source domain, class) group, in a fixed group order; each group cycles through its own
   permutation, epoch after epoch.
@@ -119,6 +120,22 @@ class BalancedSampler:
         step, row = divmod(q, self.batch_size)
         group, j = divmod(row, self.per_group)
         return int(self.groups[group][self.orders[group][step * self.per_group + j]])
+
+
+class PairedSampler:
+    """Global position -> image index for batches of (real, fake) pairs: row ``2j`` of a batch is
+    the real image of pair ``j`` and row ``2j + 1`` its fake, one permutation of the pairs per
+    epoch. The self-blended-image recipe: every real face sits next to its own pseudo-fake, so
+    the one difference the loss sees within a pair is the blend. ``pairs``: ``[P, 2]`` image
+    indices (`fsvfm_jax.data.labeled.real_fake_pairs`)."""
+
+    def __init__(self, pairs: np.ndarray, seed: int):
+        self.pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+        self.order = grain.MapDataset.range(len(self.pairs)).shuffle(seed)
+
+    def __call__(self, q: int) -> int:
+        pair, side = divmod(q, 2)
+        return int(self.pairs[self.order[pair], side])
 
 
 class _Element:

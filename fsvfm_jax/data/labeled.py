@@ -34,6 +34,7 @@ import dataclasses
 import fnmatch
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -65,9 +66,14 @@ def label_for_class(name: str, class_map: Mapping[str, int], where: str) -> int:
 
 
 def video_of(relpath: str, video_sep: str = VIDEO_SEP) -> str:
-    """``'real/000_frame_12.png'`` -> ``'real/000'``; a name without ``video_sep`` is its own video."""
+    """``'real/000_frame_12.png'`` -> ``'real/000'``; a name without ``video_sep`` is its own video.
+
+    ``video_sep = 're:<regex>'`` removes the regex's first match from the name instead
+    (``re:\\d\\d\\.jpg$``: ``'s1_07.jpg'`` -> ``'s1_'``, the published WCS frame naming)."""
     folder, name = os.path.split(relpath)
-    if video_sep and video_sep in name:
+    if video_sep.startswith("re:"):
+        name = re.sub(video_sep[3:], "", name, count=1)
+    elif video_sep and video_sep in name:
         name = name.split(video_sep)[0]
     return f"{folder}/{name}" if folder else name
 
@@ -106,11 +112,12 @@ class LabeledSet:
     def subset(self, indices) -> "LabeledSet":
         """The images at ``indices`` (videos re-indexed)."""
         indices = np.asarray(indices, np.int64)
-        return _build([self.paths[i] for i in indices], self.labels[indices].tolist(),
+        return build_set([self.paths[i] for i in indices], self.labels[indices].tolist(),
                       [self.video(i) for i in indices], self.classes, self.source)
 
 
-def _build(paths, labels, videos, classes, source) -> LabeledSet:
+def build_set(paths, labels, videos, classes, source) -> LabeledSet:
+    """A `LabeledSet` from per-image lists (video keys are indexed in order of first appearance)."""
     keys, index = {}, []
     for v in videos:
         index.append(keys.setdefault(v, len(keys)))
@@ -154,16 +161,18 @@ def scan_split(root: str | os.PathLike, split: str, class_map: Mapping[str, int]
         paths += images
         labels += [classes[c]] * len(images)
         videos += [video_of(os.path.relpath(p, split_dir), video_sep) for p in images]
-    out = _build(paths, labels, videos, classes, split_dir)
+    out = build_set(paths, labels, videos, classes, split_dir)
     _warn_one_class(out)
     return out
 
 
 def read_list_file(list_file: str | os.PathLike, class_map: Mapping[str, int] = DEFAULT_CLASS_MAP, *,
                    base_dir: str | os.PathLike | None = None, default_label: int | None = None,
-                   delimiter: str | None = None, video_sep: str = VIDEO_SEP) -> LabeledSet:
+                   delimiter: str | None = None, video_sep: str = VIDEO_SEP,
+                   one_class_ok: bool = False) -> LabeledSet:
     """Index a list file (module docstring). ``delimiter=None`` splits on the last run of
-    whitespace (so paths may contain spaces); every listed file must exist."""
+    whitespace (so paths may contain spaces); every listed file must exist. A file of one class is
+    logged as a warning unless ``one_class_ok`` (per-class lists)."""
     list_file = os.fspath(list_file)
     if not os.path.isfile(list_file):
         raise DataError(f"{list_file}: no such list file")
@@ -203,8 +212,9 @@ def read_list_file(list_file: str | os.PathLike, class_map: Mapping[str, int] = 
                         + "\n  ".join(missing[:_SHOW]) + more)
     if not paths:
         raise DataError(f"{list_file}: lists no images")
-    out = _build(paths, labels, videos, classes, list_file)
-    _warn_one_class(out)
+    out = build_set(paths, labels, videos, classes, list_file)
+    if not one_class_ok:
+        _warn_one_class(out)
     return out
 
 
@@ -235,9 +245,33 @@ def concat(sets: Sequence[LabeledSet]) -> LabeledSet:
     classes = {}
     for s in sets:
         classes.update(s.classes)
-    return _build([p for s in sets for p in s.paths], np.concatenate([s.labels for s in sets]).tolist(),
+    return build_set([p for s in sets for p in s.paths], np.concatenate([s.labels for s in sets]).tolist(),
                    [f"{k}:{s.video(i)}" for k, s in enumerate(sets) for i in range(len(s))], classes,
                    " + ".join(s.source for s in sets))
+
+
+def real_fake_pairs(data: LabeledSet) -> tuple[np.ndarray, int]:
+    """Pairs ``[P, 2]`` of (real index, fake index) whose files have the same path below their
+    class folders (``real/x.png`` and ``fake/x.png``: a real face and the fake made from it, as a
+    self-blended set is laid out), and the number of images left without a partner. A real image
+    with several fakes (``fake_a/x.png``, ``fake_b/x.png``) makes one pair with each. Needs an
+    ImageFolder split."""
+    if not os.path.isdir(data.source):
+        raise DataError(f"{data.source}: paired sampling matches real and fake files by name below their "
+                        "class folders, so it needs an ImageFolder split, not a list file")
+    reals, fakes = {}, []
+    for i, (path, label) in enumerate(zip(data.paths, data.labels)):
+        key = os.path.relpath(path, data.source).split(os.sep, 1)[-1]
+        if label == REAL:
+            reals[key] = i
+        else:
+            fakes.append((key, i))
+    pairs = [(reals[key], i) for key, i in fakes if key in reals]
+    if not pairs:
+        raise DataError(f"{data.source}: no fake image has a real image of the same name below its class folder; "
+                        "paired sampling needs e.g. real/x.png next to fake/x.png")
+    used = {i for pair in pairs for i in pair}
+    return np.asarray(pairs, np.int64), len(data) - len(used)
 
 
 _SIGNATURES = {b"\x89PNG\r\n\x1a\n": (b"IEND", "PNG"), b"\xff\xd8": (b"\xff\xd9", "JPEG")}

@@ -1,4 +1,4 @@
-"""Downstream classifiers over the pretrained ViT (docs/downstream.md, *Recipes*).
+"""Downstream classifiers over the pretrained ViT (docs/downstream.md: *Recipes*, *FS-Adapter*, *FAS protocol*).
 
 One module, `ViTClassifier`, with the published fine-tuning layout and timm's parameter names, so
 an encoder from our pretraining, an imported published checkpoint or a timm export drops in by

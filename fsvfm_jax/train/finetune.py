@@ -5,15 +5,16 @@ validation -> test predictions.
 ``WORKDIR`` receives ``config.json``, ``pretrain_ds_mean_std.txt`` (the normalisation used),
 ``metrics.jsonl`` (train and validation rows), ``train.log``, ``checkpoints/`` (latest state and
 input position, for ``--resume``), ``best/`` (the state with the lowest validation loss, the
-published model selection), and per test set ``predictions_<name>.jsonl`` (the format
-``fsvfm-evaluate`` reads) and ``results.json`` (every set's metrics).
+published model selection, or the highest validation AUC), ``test_best.json`` (with
+``test_every_steps``: per test set the periodic evaluation with the lowest published HTER), per
+test set ``predictions_<name>.jsonl`` (the format ``fsvfm-evaluate`` reads) and ``results.json``
+(every set's metrics).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from fsvfm_jax import checkpoint, metrics, sharding
 from fsvfm_jax.data import finetune_pipeline as fp
-from fsvfm_jax.data import labeled, stats
+from fsvfm_jax.data import fas, labeled, stats
 from fsvfm_jax.models.classifier import ClassifierConfig, count_params, init_classifier, merge_encoder, split_trainable
 from fsvfm_jax.optim import absolute_lr, lr_schedule, make_finetune_optimizer
 from fsvfm_jax.train import finetune_step as fs
@@ -89,6 +90,39 @@ def _datasets(config):
     return train, val, tests
 
 
+def _fas_data(config) -> fas.ProtocolData:
+    f = config.fas
+    protocol = fas.get_protocol(f.protocol, f.sources, f.target, f.video_sep)
+    roots = list(f.roots) or ([config.data.root] if config.data.root else [])
+    if not roots:
+        raise ValueError("FAS: set --config.fas.roots (folders holding the domains) or --config.data.root")
+    return fas.load_protocol(protocol, roots, class_map=dict(config.data.class_map), source_val=f.source_val,
+                             test_frame1=f.test_frame1)
+
+
+def _sampler(config, train: labeled.LabeledSet, fas_data):
+    """``(sampler or None, global batch, info)`` for ``config.data.sampler`` (docs/downstream.md)."""
+    kind, gb = config.data.sampler, config.global_batch_size
+    if kind == "shuffled":
+        return None, gb, {}
+    if kind == "paired":
+        if gb % 2:
+            raise ValueError(f"paired sampling needs an even global batch, got {gb}")
+        pairs, unpaired = labeled.real_fake_pairs(train)
+        if unpaired:
+            log.warning("paired sampling: %d training images have no partner and are not used", unpaired)
+        return fp.PairedSampler(pairs, config.seed), gb, {"pairs": len(pairs), "unpaired_train_images": unpaired}
+    if kind == "balanced":
+        if fas_data is None:
+            raise ValueError("balanced sampling draws per source domain: set --config.fas.protocol (or fas.sources)")
+        sampler = fp.BalancedSampler(fas_data.groups, config.fas.per_group, config.seed)
+        if gb and gb != sampler.batch_size:
+            raise ValueError(f"global_batch_size {gb} != {config.fas.per_group} images x {len(fas_data.groups)} "
+                             f"(source, class) groups = {sampler.batch_size}; set it to 0 to take the latter")
+        return sampler, sampler.batch_size, {}
+    raise ValueError(f"data.sampler must be 'shuffled', 'paired' or 'balanced', got {kind!r}")
+
+
 def _setup_workdir(workdir: Path, config, resume: bool) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     ckpts = workdir / "checkpoints"
@@ -147,15 +181,47 @@ def _val_metrics(pred: dict) -> dict:
     return out
 
 
+SELECT_ON = {"val_loss": "min val loss", "val_auc": "max val auc"}
+
+
+def improves(row: dict, best: dict, key: str) -> bool:
+    """Whether validation ``row`` beats ``best`` (``{"step": None}`` before the first) on ``key``:
+    a lower ``val_loss`` or a higher ``val_auc``; a tie keeps the earlier step."""
+    if key not in row:
+        raise ValueError(f"select_on={key}: the validation set needs both classes")
+    if best.get("step") is None:
+        return True
+    return row[key] < best[key] if key == "val_loss" else row[key] > best[key]
+
+
+PUBLISHED_BEST_NOTE = ("published FAS reporting: of the periodic test evaluations, the one with the lowest HTER at "
+                       "the test set's own EER threshold; the model and threshold are chosen on the test set")
+
+
+def _as_predictions(pred: dict, data: labeled.LabeledSet, name: str) -> metrics.Predictions:
+    return metrics.Predictions([data.paths[i] for i in pred["indices"]], pred["labels"], pred["scores"],
+                               [data.video(i) for i in pred["indices"]], name)
+
+
+def _periodic_test_row(report: dict) -> dict:
+    """The numbers a periodic test evaluation logs: video level when the set has videos (the
+    published FAS evaluation averages frame scores per video), and the published HTER (at the
+    test-set EER threshold)."""
+    level = "video" if report["video"] else "frame"
+    r = report[level]
+    return {"level": level, "auc": r["auc"], "eer": r["eer"], "tpr_at_fpr_0.01": r["tpr_at_fpr"]["0.01"],
+            "published_hter": r["published_fas"]["hter"]}
+
+
 def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False) -> dict:
-    """Fine-tune (or resume), select on validation loss, predict every test set. Returns the results."""
+    """Fine-tune (or resume), select on validation (``select_on``), predict every test set. Returns
+    the results (also written to ``WORKDIR/results.json``)."""
     workdir = Path(workdir)
     _setup_workdir(workdir, config, resume)
     cfg = classifier_config(config)
 
     # --- mesh ------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    sharding.check_batch_fits(config.global_batch_size, config.accum_steps, mesh)
 
     # --- pretrained encoder and normalisation ---------------------------------------------------
     if config.init.checkpoint:
@@ -180,8 +246,16 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: 
         stats.write_mean_std(workdir / stats.MEAN_STD_FILENAME, mean, std)
 
     # --- data ------------------------------------------------------------------------------------
-    train_set, val_set, test_sets = _datasets(config)
-    steps_per_epoch = max(1, len(train_set) // config.global_batch_size)
+    fas_data = _fas_data(config) if (config.fas.protocol or config.fas.sources) else None
+    if fas_data is not None:
+        train_set, val_set, test_sets = fas_data.train, fas_data.val, {fas_data.protocol.target: fas_data.test}
+    else:
+        train_set, val_set, test_sets = _datasets(config)
+    sampler, gb, sampler_info = _sampler(config, train_set, fas_data)
+    if config.select_on not in SELECT_ON:
+        raise ValueError(f"select_on must be one of {sorted(SELECT_ON)}, got {config.select_on!r}")
+    sharding.check_batch_fits(gb, config.accum_steps, mesh)
+    steps_per_epoch = max(1, len(train_set) // gb)
     total_steps = config.total_steps or config.epochs * steps_per_epoch
     eval_every = config.eval_every_steps or steps_per_epoch
     log.info("data: train %d %s, val %s, test %s; %d steps/epoch, %d steps", len(train_set), train_set.counts(),
@@ -190,12 +264,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: 
                            magnitude=config.aug.magnitude, magnitude_std=config.aug.magnitude_std,
                            reprob=config.aug.reprob, eval_resize=config.data.val_resize)
     iterator = fp.make_train_iterator(
-        train_set, global_batch=config.global_batch_size, num_steps=total_steps, image_size=cfg.img_size,
-        mean=mean, std=std, aug=aug, seed=config.seed, skip_bad=config.data.skip_bad,
+        train_set, global_batch=gb, num_steps=total_steps, image_size=cfg.img_size, mean=mean, std=std, aug=aug,
+        seed=config.seed, sampler=sampler, skip_bad=config.data.skip_bad,
         worker_count=config.data.worker_count, read_threads=config.data.read_threads)
 
     # --- model and optimizer -----------------------------------------------------------------
-    peak_lr = config.lr or absolute_lr(config.base_lr, config.global_batch_size)
+    peak_lr = config.lr or absolute_lr(config.base_lr, gb)
     if config.schedule == "constant":
         lr_fn = lambda step: jnp.asarray(peak_lr, jnp.float32)
     else:
@@ -224,7 +298,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: 
     log.info("model %s (%s head): %.3fM trainable of %.2fM parameters, peak lr %.3g", cfg.size, cfg.head,
              count_params(abstract_state["params"]) / 1e6,
              (count_params(abstract_state["params"]) + count_params(abstract_state["frozen"])) / 1e6, peak_lr)
-    gb, s = config.global_batch_size, cfg.img_size
+    s = cfg.img_size
     abstract_batch = dict(image=jax.ShapeDtypeStruct((gb, s, s, 3), jnp.uint8), label=jax.ShapeDtypeStruct((gb,), jnp.int32))
     train_step = fs.jit_train_step(step_fn, shardings, mesh).lower(abstract_state, abstract_batch).compile()
     eval_fn = _make_eval_fn(cfg, mean, std, shardings, mesh)
@@ -234,13 +308,15 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: 
     # --- checkpoint / resume -------------------------------------------------------------------
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
     best_manager = checkpoint.make_manager(workdir / "best", keep=1)
-    best = {"val_loss": math.inf, "step": None}
-    best_file = workdir / "best.json"
+    best, test_best = {"step": None}, {}  # test_best: per test set, the periodic evaluation with the lowest published HTER
+    best_file, test_best_file = workdir / "best.json", workdir / "test_best.json"
     if resume:
         abstract = checkpoint.abstract_with_shardings(abstract_state, shardings)
         start_step, state, _ = checkpoint.restore(manager, abstract, iterator)
         if best_file.is_file():
             best = json.loads(best_file.read_text())
+        if test_best_file.is_file():
+            test_best = json.loads(test_best_file.read_text())
         log.info("resumed from step %d", start_step)
     else:
         state = jax.jit(make_state, out_shardings=shardings)(jax.random.key(config.seed))
@@ -276,11 +352,24 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: 
                 row = {"step": step, **_val_metrics(pred)}
                 write(row)
                 log.info("step %d: val loss %.4f auc %s", step, row["val_loss"], row.get("val_auc"))
-                if row["val_loss"] < best["val_loss"]:
-                    best = {"val_loss": row["val_loss"], "step": step, **{k: v for k, v in row.items() if k != "step"}}
+                if improves(row, best, config.select_on):
+                    best = {**{k: v for k, v in row.items() if k != "step"}, "step": step}
                     checkpoint.save(best_manager, step, state)
                     if jax.process_index() == 0:
                         best_file.write_text(json.dumps(best))
+            if config.test_every_steps and (step % config.test_every_steps == 0 or step == total_steps):
+                for name, data in test_sets.items():
+                    pred = predict(eval_fn, state, data, resize=config.data.test_resize, **eval_kw)
+                    if len(np.unique(pred["labels"])) < 2:
+                        continue
+                    row = {"step": step, "test": name, **_periodic_test_row(_as_predictions(pred, data, name).report())}
+                    write(row)
+                    log.info("step %d: test %s auc %.4f, published HTER %.4f", step, name, row["auc"],
+                             row["published_hter"])
+                    if name not in test_best or row["published_hter"] <= test_best[name]["published_hter"]:
+                        test_best[name] = row  # ties: the later step, as published
+                if jax.process_index() == 0:
+                    test_best_file.write_text(json.dumps(test_best))
             if step == total_steps or step % max(eval_every, 1) == 0:
                 checkpoint.save(manager, step, state, iterator)
     finally:
@@ -291,24 +380,35 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: 
     # --- test with the selected model --------------------------------------------------------------
     if best["step"] is not None:
         _, state, _ = checkpoint.restore(best_manager, checkpoint.abstract_with_shardings(abstract_state, shardings))
-        log.info("testing the model with the lowest validation loss (step %d)", best["step"])
+        log.info("testing the model with the best %s (step %d)", config.select_on, best["step"])
     best_manager.close()
-    results = {"selected_step": best["step"] or total_steps, "selection": "min val loss" if best["step"] else "last",
-               "best_val": best, "nonfinite_steps": nonfinite, "skipped_train_images": skipped, "test": {}}
+    # The selected model's validation scores give the decision threshold for the test HTER (at_val_eer).
+    val_pred = None
+    if val_set is not None:
+        pred = predict(eval_fn, state, val_set, resize=config.data.val_resize, **eval_kw)
+        if len(np.unique(pred["labels"])) == 2:
+            val_pred = _as_predictions(pred, val_set, "validation")
+    results = {"selected_step": best["step"] or total_steps,
+               "selection": SELECT_ON[config.select_on] if best["step"] else "last",
+               "best_val": best, "nonfinite_steps": nonfinite, "skipped_train_images": skipped, **sampler_info,
+               "test": {}}
+    if fas_data is not None:
+        results["fas"] = {"protocol": fas_data.protocol.name, "sources": list(fas_data.protocol.sources),
+                          "target": fas_data.protocol.target}
     for name, data in test_sets.items():
         pred = predict(eval_fn, state, data, resize=config.data.test_resize, **eval_kw)
-        videos = [data.video(i) for i in pred["indices"]]
         entry = {"n": int(len(pred["labels"])), "loss": pred["loss"], "skipped": pred["skipped"]}
+        preds = _as_predictions(pred, data, name)
         if jax.process_index() == 0:
-            out = metrics.write_predictions(workdir / f"predictions_{name}.jsonl",
-                                            [data.paths[i] for i in pred["indices"]], pred["labels"],
-                                            pred["scores"], videos)
+            out = metrics.write_predictions(workdir / f"predictions_{name}.jsonl", preds.names, preds.labels,
+                                            preds.scores, preds.videos)
             entry["predictions"] = str(out)
         if len(np.unique(pred["labels"])) == 2:
-            entry["metrics"] = metrics.Predictions([data.paths[i] for i in pred["indices"]], pred["labels"],
-                                                   pred["scores"], videos, name).report()
+            entry["metrics"] = preds.report(val=val_pred)
             log.info("test %s: frame AUC %.4f, video AUC %s", name, entry["metrics"]["frame"]["auc"],
                      entry["metrics"]["video"] and round(entry["metrics"]["video"]["auc"], 4))
+        if name in test_best:
+            entry["published_best"] = {**test_best[name], "note": PUBLISHED_BEST_NOTE}
         results["test"][name] = entry
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
