@@ -20,7 +20,13 @@ from fsvfm_jax.models.fsfm import fsfm_config, init_params
 from fsvfm_jax.optim import make_optimizer
 from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
 
-from train_step import random_batch  # noqa: E402  (benchmarks/ is the script's directory)
+
+
+def random_batch(batch, cfg, rng):
+    n_mask = cfg.num_patches - cfg.n_keep(0.75)
+    mask = np.argsort(rng.random((batch, cfg.num_patches)), axis=1) < n_mask
+    return dict(image=rng.integers(0, 256, (batch, cfg.img_size, cfg.img_size, 3), dtype=np.uint8),
+                img_mask=mask, fr_mask=mask & (rng.random(mask.shape) < 0.1))
 
 
 def main():
