@@ -2,7 +2,7 @@ r"""Fine-tune a pretrained FS-VFM encoder for deepfake / diffusion-forgery / spo
 
     fsvfm-finetune --config configs/finetune_dfd_vit_base.py --workdir runs/ft_b \
         --config.init.checkpoint=runs/vit_b --config.data.root=/data/FF++_c23_32f \
-        --config.data.test=/data/CDFv2/32_frames,/data/DFDC/32_frames
+        --config.data.test="'/data/CDFv2/32_frames','/data/DFDC/32_frames'"
 
 Any config field can be overridden with ``--config.<field>=<value>``; ``--resume`` continues a
 stopped run. The workdir receives checkpoints, ``metrics.jsonl``, the selected (lowest validation
