@@ -9,11 +9,13 @@ Conventions (docs/evaluation.md states them with formulas):
 * every value is a fraction in [0, 1] (not a percentage).
 
 Error rates at a threshold: ``APCER`` (attacks accepted as bona fide, = FAR = FPR) and ``BPCER``
-(bona fide rejected, = FRR = FNR = 1 - TPR), ``ACER = HTER = (APCER + BPCER) / 2``.
+(bona fide rejected, = FRR = FNR = 1 - TPR), ``HTER = (APCER + BPCER) / 2``. ``ACER`` is ISO/IEC
+30107-3's: the worst attack species' APCER with BPCER, halved, when the attack species are known
+(OULU-NPU reports it so); attacks pooled (= HTER) when not.
 
 Predictions files (``read_predictions`` / ``write_predictions``): JSON lines (``.jsonl``) or CSV
-with a header; one row per image with ``path`` (or ``name``), ``label``, ``score`` and an optional
-``video`` id.
+with a header; one row per image with ``path`` (or ``name``), ``label``, ``score``, an optional
+``video`` id and an optional ``attack`` species (``print``, ``replay``, ...) on attack rows.
 """
 
 from __future__ import annotations
@@ -115,14 +117,16 @@ def tpr_at_fpr(labels, scores, target: float, *, where: str = "tpr_at_fpr") -> f
 
 # --- metrics at a threshold ------------------------------------------------------------------------
 
-def at_threshold(labels, scores, threshold: float, *, where: str = "at_threshold") -> dict:
+def at_threshold(labels, scores, threshold: float, *, attacks: Sequence[str] | None = None,
+                 where: str = "at_threshold") -> dict:
     """Error rates of the decision ``score >= threshold`` -> real::
 
-        {threshold, apcer, bpcer, acer, hter, balanced_accuracy, accuracy}
+        {threshold, apcer, bpcer, acer, hter, balanced_accuracy, accuracy[, apcer_per_species]}
 
-    ``apcer`` = attacks accepted / attacks, ``bpcer`` = bona fide rejected / bona fide,
-    ``acer = hter = (apcer + bpcer) / 2`` (attacks pooled over species), balanced accuracy
-    ``= 1 - hter``.
+    ``apcer`` = attacks accepted / attacks (pooled), ``bpcer`` = bona fide rejected / bona fide,
+    ``hter = (apcer + bpcer) / 2``, balanced accuracy ``= 1 - hter``. With ``attacks [N]`` (the
+    species of each attack row; ignored on real rows) ``apcer_per_species`` lists each species'
+    APCER and ``acer = (max species APCER + bpcer) / 2`` (ISO/IEC 30107-3); without, ``acer = hter``.
     """
     labels, scores = _check(labels, scores, where)
     accept = scores >= threshold
@@ -130,8 +134,25 @@ def at_threshold(labels, scores, threshold: float, *, where: str = "at_threshold
     apcer = float(np.mean(accept[~real]))
     bpcer = float(np.mean(~accept[real]))
     hter = (apcer + bpcer) / 2.0
-    return {"threshold": float(threshold), "apcer": apcer, "bpcer": bpcer, "acer": hter, "hter": hter,
-            "balanced_accuracy": 1.0 - hter, "accuracy": float(np.mean(accept == real))}
+    out = {"threshold": float(threshold), "apcer": apcer, "bpcer": bpcer, "acer": hter, "hter": hter,
+           "balanced_accuracy": 1.0 - hter, "accuracy": float(np.mean(accept == real))}
+    if attacks is not None:
+        species = _attack_species(labels, attacks, where)
+        out["apcer_per_species"] = {name: float(np.mean(accept[species == name])) for name in sorted(set(species[~real]))}
+        out["acer"] = (max(out["apcer_per_species"].values()) + bpcer) / 2.0
+    return out
+
+
+def _attack_species(labels: np.ndarray, attacks: Sequence[str], where: str) -> np.ndarray:
+    """``attacks [N]`` as a str array with ``""`` on real rows; every attack row must name its species."""
+    species = np.asarray(["" if a is None else str(a) for a in attacks], dtype=object)
+    if species.shape != labels.shape:
+        raise ValueError(f"{where}: {species.size} attack species for {labels.size} samples")
+    species[labels == REAL] = ""
+    missing = np.flatnonzero((labels != REAL) & (species == ""))
+    if missing.size:
+        raise ValueError(f"{where}: attack row {int(missing[0])} names no species; give it for every attack or none")
+    return species
 
 
 def published_fas_eer(labels, scores, grid: int = PUBLISHED_FAS_GRID, *, where: str = "published_fas_eer") -> dict:
@@ -152,10 +173,12 @@ def published_fas_eer(labels, scores, grid: int = PUBLISHED_FAS_GRID, *, where: 
 
 # --- video level -----------------------------------------------------------------------------------
 
-def video_level(labels, scores, videos: Sequence[str], *, where: str = "video_level"):
+def video_level(labels, scores, videos: Sequence[str], *, attacks: Sequence[str] | None = None,
+                where: str = "video_level"):
     """Frames -> videos: ``(video_labels [V], video_scores [V], video_ids [V])``, the score being the
     mean of the video's frame scores, videos in order of first appearance. Every frame of a video
-    must carry the video's label."""
+    must carry the video's label. With ``attacks [N]`` a fourth value, ``video_attacks [V]``: every
+    frame of a video must name the same species."""
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     videos = np.asarray(videos, dtype=object)
     if videos.shape != labels.shape:
@@ -168,12 +191,20 @@ def video_level(labels, scores, videos: Sequence[str], *, where: str = "video_le
     if mixed.size:
         raise ValueError(f"{where}: video {str(ids[mixed[0]])!r} has both real and fake frames")
     order = np.argsort(first, kind="stable")
-    return labels[first[order]], mean[order], ids[order]
+    if attacks is None:
+        return labels[first[order]], mean[order], ids[order]
+    attacks = np.asarray(["" if a is None else str(a) for a in attacks], dtype=object)
+    if attacks.shape != labels.shape:
+        raise ValueError(f"{where}: {attacks.size} attack species for {labels.size} frames")
+    differs = np.flatnonzero(attacks != attacks[first[inverse]])
+    if differs.size:
+        raise ValueError(f"{where}: video {str(videos[differs[0]])!r} has frames of different attack species")
+    return labels[first[order]], mean[order], ids[order], attacks[first[order]]
 
 
 # --- the full report ---------------------------------------------------------------------------
 
-def binary_report(labels, scores, *, val_labels=None, val_scores=None,
+def binary_report(labels, scores, *, val_labels=None, val_scores=None, attacks: Sequence[str] | None = None,
                   fpr_targets: Iterable[float] = DEFAULT_FPR_TARGETS, where: str = "predictions") -> dict:
     """Every metric of one set of scores, as a JSON-ready dict::
 
@@ -183,14 +214,15 @@ def binary_report(labels, scores, *, val_labels=None, val_scores=None,
 
     ``at_0.5`` is the published argmax decision for a 2-class softmax. ``at_val_eer`` is our HTER
     protocol: the threshold is :func:`eer_threshold` of the validation scores (given as
-    ``val_labels``/``val_scores``), never of the scores under test.
+    ``val_labels``/``val_scores``), never of the scores under test. ``attacks`` (species per row)
+    adds per-species APCER and ISO's ACER to both (:func:`at_threshold`).
     """
     labels, scores = _check(labels, scores, where)
     report = {
         "n": int(labels.size), "n_real": int(labels.sum()), "n_fake": int(labels.size - labels.sum()),
         "auc": auc(labels, scores, where=where), "eer": eer(labels, scores, where=where),
         "tpr_at_fpr": {f"{t:g}": tpr_at_fpr(labels, scores, t, where=where) for t in fpr_targets},
-        "at_0.5": at_threshold(labels, scores, 0.5, where=where),
+        "at_0.5": at_threshold(labels, scores, 0.5, attacks=attacks, where=where),
         "at_val_eer": None,
         "published_fas": published_fas_eer(labels, scores, where=where),
     }
@@ -198,7 +230,7 @@ def binary_report(labels, scores, *, val_labels=None, val_scores=None,
         raise ValueError(f"{where}: give both validation labels and scores, or neither")
     if val_labels is not None:
         threshold = eer_threshold(val_labels, val_scores, where=f"{where} (validation)")
-        report["at_val_eer"] = at_threshold(labels, scores, threshold, where=where)
+        report["at_val_eer"] = at_threshold(labels, scores, threshold, attacks=attacks, where=where)
     return report
 
 
@@ -206,30 +238,34 @@ def binary_report(labels, scores, *, val_labels=None, val_scores=None,
 
 @dataclasses.dataclass
 class Predictions:
-    """One row per image: ``names [N]``, ``labels [N]`` (0/1), ``scores [N]`` (P(real)), ``videos [N] | None``."""
+    """One row per image: ``names [N]``, ``labels [N]`` (0/1), ``scores [N]`` (P(real)), ``videos [N] | None``,
+    ``attacks [N] | None`` (attack species, ``""`` on real rows)."""
 
     names: list[str]
     labels: np.ndarray
     scores: np.ndarray
     videos: list[str] | None
     source: str = "predictions"
+    attacks: list[str] | None = None
 
     def report(self, val: Predictions | None = None, fpr_targets=DEFAULT_FPR_TARGETS) -> dict:
         """:func:`binary_report` at frame level and, when video ids are known, at video level (the
         validation set is aggregated the same way for the video-level threshold)."""
         kw = dict(val_labels=val.labels, val_scores=val.scores) if val is not None else {}
-        out = {"frame": binary_report(self.labels, self.scores, fpr_targets=fpr_targets, where=self.source, **kw),
+        out = {"frame": binary_report(self.labels, self.scores, attacks=self.attacks, fpr_targets=fpr_targets,
+                                      where=self.source, **kw),
                "video": None}
         if self.videos is not None:
-            v_labels, v_scores, _ = video_level(self.labels, self.scores, self.videos, where=self.source)
+            v_labels, v_scores, _, *v_attacks = video_level(self.labels, self.scores, self.videos,
+                                                            attacks=self.attacks, where=self.source)
             kw = {}
             if val is not None:
                 if val.videos is None:
                     raise ValueError(f"{val.source}: no video ids, but {self.source} has them (video-level threshold)")
                 val_l, val_s, _ = video_level(val.labels, val.scores, val.videos, where=val.source)
                 kw = dict(val_labels=val_l, val_scores=val_s)
-            out["video"] = binary_report(v_labels, v_scores, fpr_targets=fpr_targets,
-                                         where=f"{self.source} (videos)", **kw)
+            out["video"] = binary_report(v_labels, v_scores, attacks=v_attacks[0] if v_attacks else None,
+                                         fpr_targets=fpr_targets, where=f"{self.source} (videos)", **kw)
         return out
 
 
@@ -244,7 +280,7 @@ def _row_value(row: dict, key: str, where: str):
 
 
 def _parse_rows(rows: Iterable[tuple[int, dict]], source: str) -> Predictions:
-    names, labels, scores, videos = [], [], [], []
+    names, labels, scores, videos, attacks = [], [], [], [], []
     for line, row in rows:
         where = f"{source}:{line}"
         name_key = next((k for k in NAME_COLUMNS if row.get(k) not in (None, "")), None)
@@ -263,14 +299,20 @@ def _parse_rows(rows: Iterable[tuple[int, dict]], source: str) -> Predictions:
         labels.append(int(label_f))
         scores.append(score_f)
         videos.append(row.get("video") if row.get("video") not in ("", None) else None)
+        attacks.append(str(row["attack"]) if label_f == FAKE and row.get("attack") not in ("", None) else None)
     if not names:
         raise ValueError(f"{source}: no predictions")
     have_video = [v is not None for v in videos]
     if any(have_video) and not all(have_video):
         i = have_video.index(False)
         raise ValueError(f"{source}: row {i + 1} has no video id but others do; give it for every row or none")
+    named = [a is not None for a, label in zip(attacks, labels) if label == FAKE]
+    if any(named) and not all(named):
+        i = next(i for i, (a, label) in enumerate(zip(attacks, labels)) if label == FAKE and a is None)
+        raise ValueError(f"{source}: attack row {i + 1} has no attack species but others do; give it for every attack or none")
     return Predictions(names, np.asarray(labels, np.int64), np.asarray(scores, np.float64),
-                       [str(v) for v in videos] if all(have_video) else None, source)
+                       [str(v) for v in videos] if all(have_video) else None, source,
+                       ["" if a is None else a for a in attacks] if any(named) else None)
 
 
 def read_predictions(path: str | Path) -> Predictions:
@@ -304,16 +346,20 @@ def read_predictions(path: str | Path) -> Predictions:
     return _parse_rows(rows(), str(path))
 
 
-def write_predictions(path: str | Path, names: Sequence[str], labels, scores, videos: Sequence[str] | None = None) -> Path:
+def write_predictions(path: str | Path, names: Sequence[str], labels, scores, videos: Sequence[str] | None = None,
+                      attacks: Sequence[str] | None = None) -> Path:
     """Write predictions as JSON lines (``.jsonl``) or CSV (``.csv``), read back by :func:`read_predictions`."""
     path = Path(path)
     labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
-    if not (len(names) == labels.size == scores.size and (videos is None or len(videos) == len(names))):
-        raise ValueError(f"{path}: names, labels, scores (and videos) must have one length")
+    if not (len(names) == labels.size == scores.size and all(c is None or len(c) == len(names) for c in (videos, attacks))):
+        raise ValueError(f"{path}: names, labels, scores (and videos, attacks) must have one length")
     rows = [{"path": str(n), "label": int(l), "score": float(s)} for n, l, s in zip(names, labels, scores)]
     if videos is not None:
         for row, v in zip(rows, videos):
             row["video"] = str(v)
+    if attacks is not None:
+        for row, a, l in zip(rows, attacks, labels):
+            row["attack"] = str(a) if int(l) == FAKE else ""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
         with path.open("w", newline="") as f:

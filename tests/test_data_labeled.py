@@ -121,3 +121,21 @@ def test_subset_and_concat_keep_videos_apart(tmp_path):
     assert len(both) == 5 and len(both.videos) == 4  # same names in two datasets: two videos
     sub = both.subset([1, 4])  # classes sorted: fake first
     assert sub.labels.tolist() == [1, 1] and len(sub.videos) == 2
+
+
+def test_attack_species_come_from_the_class_names(tmp_path):
+    """OULU-style folders (one per attack species) name each attack image's species; the set offers
+    them for per-species APCER only when every attack is named and there are several species."""
+    _tree(tmp_path, {"test": {"real": ["r_frame_0.png"], "print": ["p_frame_0.png", "p_frame_1.png"],
+                              "replay": ["q_frame_0.png"]}})
+    s = labeled.scan_split(tmp_path, "test", {"real": 1, "print": 0, "replay": 0})
+    assert dict(zip(map(os.path.basename, s.paths), s.species)) == {
+        "p_frame_0.png": "print", "p_frame_1.png": "print", "q_frame_0.png": "replay", "r_frame_0.png": ""}
+    assert s.attack_species([0, 3]) == [s.species[0], s.species[3]]
+    assert s.subset([3, 0]).species == [s.species[3], s.species[0]]
+    assert labeled.concat([s, s]).species == s.species * 2
+    (tmp_path / "list.txt").write_text("test/real/r_frame_0.png real\ntest/print/p_frame_0.png print\n"
+                                       "test/replay/q_frame_0.png 0\n")
+    listed = labeled.read_list_file(tmp_path / "list.txt", {"real": 1, "print": 0})
+    assert listed.species == ["", "print", ""]
+    assert listed.attack_species([0, 1, 2]) is None  # a numeric label names no species: pooled APCER

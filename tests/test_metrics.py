@@ -272,3 +272,44 @@ def test_bad_csv_names_the_file_and_line(tmp_path, content, match):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl: no such predictions file"):
         metrics.read_predictions(tmp_path / "nope.jsonl")
+
+
+# --- attack species (ISO/IEC 30107-3 ACER) -------------------------------------------------------
+
+def test_acer_takes_the_worst_attack_species():
+    """Per-species APCER and ACER = (max APCER + BPCER) / 2 against counts done by hand."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 400)
+    species = np.where(labels == 1, "", rng.choice(["print", "replay", "mask"], 400))
+    scores = rng.random(400) + 0.3 * (species == "replay")  # replays pass more often
+    t = 0.6
+    got = metrics.at_threshold(labels, scores, t, attacks=list(species))
+    expect = {s: float(np.sum((scores >= t) & (species == s)) / np.sum(species == s)) for s in ("mask", "print", "replay")}
+    assert got["apcer_per_species"].keys() == expect.keys()
+    for s, v in expect.items():
+        assert abs(got["apcer_per_species"][s] - v) <= TOL
+    bpcer = float(np.sum((scores < t) & (labels == 1)) / np.sum(labels == 1))
+    assert abs(got["acer"] - (max(expect.values()) + bpcer) / 2) <= TOL
+    assert got["acer"] > got["hter"]  # the pooled APCER hides the worst species
+    pooled = metrics.at_threshold(labels, scores, t)
+    assert "apcer_per_species" not in pooled and pooled["acer"] == pooled["hter"] == got["hter"]
+
+
+def test_attack_species_errors_and_round_trip(tmp_path):
+    labels, scores = np.array([1, 0, 0, 1]), np.array([0.9, 0.2, 0.7, 0.4])
+    with pytest.raises(ValueError, match="attack row 2 names no species"):
+        metrics.at_threshold(labels, scores, 0.5, attacks=["", "print", "", ""])
+    path = metrics.write_predictions(tmp_path / "p.jsonl", list("abcd"), labels, scores,
+                                     videos=["v0", "v1", "v2", "v3"], attacks=["", "print", "replay", ""])
+    back = metrics.read_predictions(path)
+    assert back.attacks == ["", "print", "replay", ""]
+    report = back.report(val=back)
+    assert report["frame"]["at_val_eer"]["apcer_per_species"].keys() == {"print", "replay"}
+    assert report["video"]["at_0.5"]["apcer_per_species"] == {"print": 0.0, "replay": 1.0}
+    (tmp_path / "half.jsonl").write_text('{"path": "a", "label": 0, "score": 0.1, "attack": "print"}\n'
+                                         '{"path": "b", "label": 0, "score": 0.2}\n'
+                                         '{"path": "c", "label": 1, "score": 0.9}\n')
+    with pytest.raises(ValueError, match=r"half\.jsonl: attack row 2 has no attack species"):
+        metrics.read_predictions(tmp_path / "half.jsonl")
+    with pytest.raises(ValueError, match="video 'v' has frames of different attack species"):
+        metrics.video_level([0, 0], [0.1, 0.2], ["v", "v"], attacks=["print", "replay"])

@@ -143,6 +143,9 @@ def _summary(level: str, r: dict) -> str:
     if r["at_val_eer"] is not None:
         v = r["at_val_eer"]
         line += f"  HTER@val-EER-thr({v['threshold']:.4g}) {100 * v['hter']:.2f}%"
+        if "apcer_per_species" in v:
+            worst = max(v["apcer_per_species"], key=v["apcer_per_species"].get)
+            line += f"  ACER {100 * v['acer']:.2f}% (worst attack: {worst})"
     pub = r["published_fas"]
     return line + f"  [published FAS: HTER at test EER thr {100 * pub['hter']:.2f}%]"
 

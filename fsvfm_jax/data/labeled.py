@@ -89,6 +89,8 @@ class LabeledSet:
       videos: video keys (`video_of`), in order of first appearance.
       classes: class name -> label for the classes found (folder names, or list-file names).
       source: the split folder or list file, for messages.
+      species: per image, the class name of an attack (its folder or list-file class: ``print``,
+        ``replay``, ...) for per-species APCER; ``""`` for real images and numeric labels.
     """
 
     paths: list[str]
@@ -97,6 +99,7 @@ class LabeledSet:
     videos: list[str]
     classes: dict[str, int]
     source: str
+    species: list[str]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -113,17 +116,28 @@ class LabeledSet:
         """The images at ``indices`` (videos re-indexed)."""
         indices = np.asarray(indices, np.int64)
         return build_set([self.paths[i] for i in indices], self.labels[indices].tolist(),
-                      [self.video(i) for i in indices], self.classes, self.source)
+                         [self.video(i) for i in indices], self.classes, self.source,
+                         [self.species[i] for i in indices])
+
+    def attack_species(self, indices) -> list[str] | None:
+        """The species of the images at ``indices`` when the set has several named attack classes
+        and every attack image is named (else None: APCER is then pooled)."""
+        named = {self.species[i] for i in range(len(self)) if self.labels[i] != REAL}
+        if len(named) < 2 or "" in named:
+            return None
+        return [self.species[int(i)] for i in indices]
 
 
-def build_set(paths, labels, videos, classes, source) -> LabeledSet:
-    """A `LabeledSet` from per-image lists (video keys are indexed in order of first appearance)."""
+def build_set(paths, labels, videos, classes, source, species=None) -> LabeledSet:
+    """A `LabeledSet` from per-image lists (video keys are indexed in order of first appearance;
+    ``species`` defaults to unnamed)."""
     keys, index = {}, []
     for v in videos:
         index.append(keys.setdefault(v, len(keys)))
-    return LabeledSet(paths=list(paths), labels=np.asarray(labels, np.int32).reshape(-1),
-                      video_index=np.asarray(index, np.int32).reshape(-1), videos=list(keys),
-                      classes=dict(classes), source=source)
+    labels = np.asarray(labels, np.int32).reshape(-1)
+    species = [""] * labels.size if species is None else [str(c) for c in species]
+    return LabeledSet(paths=list(paths), labels=labels, video_index=np.asarray(index, np.int32).reshape(-1),
+                      videos=list(keys), classes=dict(classes), source=source, species=species)
 
 
 def _images_below(folder: str) -> tuple[list[str], int]:
@@ -150,7 +164,7 @@ def scan_split(root: str | os.PathLike, split: str, class_map: Mapping[str, int]
     if not class_dirs:
         raise DataError(f"{split_dir}: no class folders (expected e.g. {split_dir}/real and {split_dir}/fake)")
     classes = {c: label_for_class(c, class_map, os.path.join(split_dir, c)) for c in class_dirs}
-    paths, labels, videos = [], [], []
+    paths, labels, videos, species = [], [], [], []
     for c in class_dirs:
         folder = os.path.join(split_dir, c)
         images, others = _images_below(folder)
@@ -160,8 +174,9 @@ def scan_split(root: str | os.PathLike, split: str, class_map: Mapping[str, int]
             log.warning("%s: ignoring %d files that are not images", folder, others)
         paths += images
         labels += [classes[c]] * len(images)
+        species += [c if classes[c] != REAL else ""] * len(images)
         videos += [video_of(os.path.relpath(p, split_dir), video_sep) for p in images]
-    out = build_set(paths, labels, videos, classes, split_dir)
+    out = build_set(paths, labels, videos, classes, split_dir, species)
     _warn_one_class(out)
     return out
 
@@ -177,7 +192,7 @@ def read_list_file(list_file: str | os.PathLike, class_map: Mapping[str, int] = 
     if not os.path.isfile(list_file):
         raise DataError(f"{list_file}: no such list file")
     base = os.fspath(base_dir) if base_dir is not None else os.path.dirname(os.path.abspath(list_file))
-    paths, labels, videos, classes, missing = [], [], [], {}, []
+    paths, labels, videos, species, classes, missing = [], [], [], [], {}, []
     with open(list_file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -188,11 +203,11 @@ def read_list_file(list_file: str | os.PathLike, class_map: Mapping[str, int] = 
             if len(fields) == 1 or (default_label is not None and not _is_label(fields[-1].strip())):
                 if default_label is None:
                     raise DataError(f"{where}: expected 'path label', got {line!r} (or pass default_label)")
-                rel, label = line, int(default_label)
+                rel, label, token = line, int(default_label), ""
             else:
                 rel, token = fields[0].strip(), fields[1].strip()
                 if token.lstrip("-").isdigit():
-                    label = int(token)
+                    label, token = int(token), ""
                     if label not in set(class_map.values()):
                         raise DataError(f"{where}: label {label} is not one of the class map's labels "
                                         f"{sorted(set(class_map.values()))}")
@@ -205,6 +220,7 @@ def read_list_file(list_file: str | os.PathLike, class_map: Mapping[str, int] = 
                 continue
             paths.append(path)
             labels.append(label)
+            species.append(token if label != REAL else "")
             videos.append(video_of(os.path.relpath(path, base), video_sep))
     if missing:
         more = f"\n  ... and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
@@ -212,7 +228,7 @@ def read_list_file(list_file: str | os.PathLike, class_map: Mapping[str, int] = 
                         + "\n  ".join(missing[:_SHOW]) + more)
     if not paths:
         raise DataError(f"{list_file}: lists no images")
-    out = build_set(paths, labels, videos, classes, list_file)
+    out = build_set(paths, labels, videos, classes, list_file, species)
     if not one_class_ok:
         _warn_one_class(out)
     return out
@@ -246,8 +262,8 @@ def concat(sets: Sequence[LabeledSet]) -> LabeledSet:
     for s in sets:
         classes.update(s.classes)
     return build_set([p for s in sets for p in s.paths], np.concatenate([s.labels for s in sets]).tolist(),
-                   [f"{k}:{s.video(i)}" for k, s in enumerate(sets) for i in range(len(s))], classes,
-                   " + ".join(s.source for s in sets))
+                     [f"{k}:{s.video(i)}" for k, s in enumerate(sets) for i in range(len(s))], classes,
+                     " + ".join(s.source for s in sets), [c for s in sets for c in s.species])
 
 
 def real_fake_pairs(data: LabeledSet) -> tuple[np.ndarray, int]:

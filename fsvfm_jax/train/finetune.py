@@ -200,7 +200,7 @@ PUBLISHED_BEST_NOTE = ("published FAS reporting: of the periodic test evaluation
 
 def _as_predictions(pred: dict, data: labeled.LabeledSet, name: str) -> metrics.Predictions:
     return metrics.Predictions([data.paths[i] for i in pred["indices"]], pred["labels"], pred["scores"],
-                               [data.video(i) for i in pred["indices"]], name)
+                               [data.video(i) for i in pred["indices"]], name, data.attack_species(pred["indices"]))
 
 
 def _periodic_test_row(report: dict) -> dict:
@@ -401,7 +401,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: 
         preds = _as_predictions(pred, data, name)
         if jax.process_index() == 0:
             out = metrics.write_predictions(workdir / f"predictions_{name}.jsonl", preds.names, preds.labels,
-                                            preds.scores, preds.videos)
+                                            preds.scores, preds.videos, preds.attacks)
             entry["predictions"] = str(out)
         if len(np.unique(pred["labels"])) == 2:
             entry["metrics"] = preds.report(val=val_pred)
