@@ -13,6 +13,6 @@ def get_config():
     c.warmup_epochs = 1
     c.base_lr = 1.5e-3
     c.log_every_steps = 10
-    c.checkpoint_every_steps = 50
+    c.checkpoint.save_interval_steps = 50
     c.image_every_steps = 50
     return c

@@ -64,6 +64,7 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
     c.b1 = 0.9
     c.b2 = 0.95
     c.clip_grad = 1.0
+    c.max_nonfinite_steps = 10  # consecutive skipped (non-finite) steps before the run stops
 
     c.loss = ml_collections.ConfigDict()
     c.loss.norm_pix = True
@@ -91,8 +92,11 @@ def pretrain_config(size: str = "base") -> ml_collections.ConfigDict:
     c.image_every_steps = 1000
     c.profile_steps = ()
     c.compilation_cache_dir = ""
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
+
+    c.checkpoint = ml_collections.ConfigDict()  # docs/pod.md, "Checkpoints and preemption"
+    c.checkpoint.save_interval_steps = 1000  # also saved at the last step and on preemption/SIGTERM
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True  # False: synchronous saves (async multi-host saves hang on some clusters)
     return c
 
 

@@ -5,20 +5,27 @@ Each logged step is one dict. It becomes one line of ``WORKDIR/metrics.jsonl`` (
 prefix (``train/``, ``perf/``, ``memory/``); pictures (uint8 RGB arrays) become TensorBoard
 images. Only process 0 writes, so a multi-host run has one copy. ``tensorboard --logdir runs/``
 shows every workdir under ``runs/`` as one run (``docs/observability.md``).
+
+A resumed run starts at its checkpoint's step: lines of later steps (logged by a run killed after
+that checkpoint, about to be done again) are dropped from ``metrics.jsonl``, so every step appears
+once. The workdir may be a ``gs://`` URI (``etils.epath``, never resolved).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-from pathlib import Path
 
 import cv2
 import jax
 import numpy as np
+from etils import epath
 from tensorboardX import FileWriter
 from tensorboardX.proto.summary_pb2 import Summary
+
+log = logging.getLogger(__name__)
 
 METRICS_FILENAME = "metrics.jsonl"
 _PERF_KEYS = ("step_time_s", "data_wait_s", "data_wait_fraction", "images_per_s", "eta_s",
@@ -37,16 +44,18 @@ def tensorboard_tag(key: str) -> str:
 
 class MetricWriter:
     """``write_scalars(step, row)`` and ``write_images(step, images)``; a no-op outside process 0
-    (or with ``enabled=False``). Use as a context manager, or call ``close()``."""
+    (or with ``enabled=False``). ``start_step``: the step a training run starts after (its
+    checkpoint's, 0 for a new run): later lines are dropped; None keeps every line. Use as a
+    context manager, or call ``close()``."""
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: str | os.PathLike, *, start_step: int | None = None, enabled: bool | None = None):
+        self.workdir = epath.Path(workdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = self._tb = None
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = (self.workdir / METRICS_FILENAME).open("a")
-            self._tb = FileWriter(str(self.workdir), flush_secs=30)
+            self._jsonl = _open_jsonl(self.workdir / METRICS_FILENAME, start_step)
+            self._tb = FileWriter(os.fspath(self.workdir), flush_secs=30)
 
     def write_scalars(self, step: int, row: dict) -> None:
         """One JSON line (``step`` first) and one TensorBoard scalar per finite number in ``row``."""
@@ -91,6 +100,32 @@ class MetricWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _open_jsonl(path: epath.Path, start_step: int | None):
+    """``path`` open for appending, keeping only its lines of steps up to ``start_step``. An object
+    store (gs://) cannot append: there the kept lines go into a new object, which replaces the old
+    one when closed. Locally the file is rewritten (atomically) only when lines must go."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept, unreadable = [], 0
+    for line in lines:
+        try:
+            if start_step is None or json.loads(line)["step"] <= start_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            unreadable += 1  # a line cut short by a kill
+    if unreadable:
+        log.warning("%s: dropped %d unreadable line(s)", path, unreadable)
+    text = "".join(line + "\n" for line in kept)
+    if "://" in os.fspath(path):
+        f = path.open("w")
+        f.write(text)
+        return f
+    if kept != lines:
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path.open("a")
 
 
 def _plain(value):

@@ -2,7 +2,9 @@
 decay mask, per-step warmup and half-cosine learning rate, torch-style global-norm clipping, and
 the EMA momentum schedule.
 
-Schedules are functions of the optimizer step, so a resumed run recomputes them exactly.
+Schedules are functions of the train step (every step counts, also one whose update was skipped
+for a non-finite loss, as the published per-iteration schedule does), so a resumed run recomputes
+them exactly and the logged learning rate is the applied one (:func:`at_step`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,19 @@ def make_optimizer(lr: Callable | float, *, weight_decay: float = 0.05, b1: floa
     parts = [clip_by_global_norm_torch(clip_grad)] if clip_grad else []
     parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
     return optax.chain(*parts)
+
+
+def at_step(opt_state, step):
+    """``opt_state`` with every schedule counter (``ScaleByScheduleState.count``) set to ``step``:
+    the learning rate applied by the next update is ``lr(step)``. Adam's own count (bias
+    correction) is left alone: it counts the updates actually applied."""
+
+    def set_count(node):
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=jnp.asarray(step, node.count.dtype))
+        return node
+
+    return jax.tree.map(set_count, opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByScheduleState))
 
 
 def ema_update(target, online, momentum):

@@ -179,6 +179,33 @@ def test_two_hosts_read_disjoint_halves(root, tmp_path):
     assert [len(_collect(d.iterator())) for d in per_host] == [2, 2]
 
 
+def test_a_position_carries_over_to_another_host_count(root):
+    """Two hosts read 3 of the 10 global batches (2 epochs) of 8; one host restored from host 0's
+    state continues with exactly the global batches the pair would have read next: the same images
+    and masks for every global position (host h's row i is global position h + 2 i). With
+    skip_bad, positions count records per host and do not carry over."""
+    kw = _kw(num_epochs=2)
+    hosts = [pipeline.make_pretrain_iterator(root, **dict(kw, batch_size=4, shard_index=h, shard_count=2))
+             for h in (0, 1)]
+    for host in hosts:
+        _collect(host, limit=3)
+    state = hosts[0].get_state()
+    pair = [_collect(host) for host in hosts]
+    one = pipeline.make_pretrain_iterator(root, **kw)
+    one.set_state(state)
+    alone = _collect(one)
+    assert len(alone) == len(pair[0]) == 7
+    for step, batch in enumerate(alone):
+        for key in ("image", "img_mask", "fr_mask"):
+            interleaved = np.stack([pair[g % 2][step][key][g // 2] for g in range(8)])
+            np.testing.assert_array_equal(batch[key], interleaved)
+    with pytest.raises(ValueError, match="different pipeline"):
+        pipeline.make_pretrain_iterator(root, **dict(kw, batch_size=4)).set_state(state)  # another global batch
+    skipping = pipeline.make_pretrain_iterator(root, **dict(kw, batch_size=4, shard_count=2, skip_bad=True))
+    with pytest.raises(ValueError, match="different pipeline"):
+        pipeline.make_pretrain_iterator(root, **dict(kw, skip_bad=True)).set_state(skipping.get_state())
+
+
 def test_several_roots_are_concatenated_in_order(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     write_synthetic_dataset(a, 6, seed=10, prefix="x")

@@ -17,7 +17,7 @@ from fsvfm_jax.train.pretrain import _mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = ["--config.global_batch_size=8", "--config.total_steps=6", "--config.log_every_steps=1",
-             "--config.checkpoint_every_steps=2"]
+             "--config.checkpoint.save_interval_steps=2"]
 
 
 def pretrain(workdir, *args, roots, env_extra=None):
@@ -40,19 +40,22 @@ def faces(tmp_path_factory):
 
 
 def test_demo_runs_checkpoints_and_resumes_exactly(faces, tmp_path):
-    """Run 1 stops at step 3 (as a preempted job would); run 2 resumes to step 6; run 3 goes
-    0 -> 6 uninterrupted. Steps 4-6 must be identical: same batches, masks and numbers."""
+    """Run 1 stops at step 3 (as a job at its time limit would); the same command again resumes
+    to step 6; a third run goes 0 -> 6 uninterrupted. Steps 4-6 must be identical: same batches,
+    masks and numbers. --fresh refuses the workdir, --resume insists on a checkpoint."""
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    missing = pretrain(interrupted, *SMALL_RUN, "--resume", roots=[faces])
+    assert missing.returncode != 0 and "--resume: no checkpoint" in missing.stderr
     first = pretrain(interrupted, *SMALL_RUN, "--config.stop_at_step=3", roots=[faces])
     assert first.returncode == 0, first.stderr[-3000:]
     assert sorted(p.name for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     assert [m["step"] for m in metrics(interrupted)] == [1, 2, 3]
     assert (interrupted / "config.json").exists() and (interrupted / "pretrain_ds_mean_std.txt").exists()
 
-    again = pretrain(interrupted, *SMALL_RUN, roots=[faces])
-    assert again.returncode != 0 and "--resume" in again.stderr  # never clobbers a run silently
+    fresh = pretrain(interrupted, *SMALL_RUN, "--fresh", roots=[faces])
+    assert fresh.returncode != 0 and "--fresh refuses" in fresh.stderr  # never clobbers a run silently
 
-    resumed = pretrain(interrupted, *SMALL_RUN, "--resume", roots=[faces])
+    resumed = pretrain(interrupted, *SMALL_RUN, roots=[faces])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 3" in resumed.stderr
     straight_run = pretrain(straight, *SMALL_RUN, roots=[faces])

@@ -1,4 +1,5 @@
-"""The jitted train step: 1 vs 8 devices, overfitting a fixed batch, EMA cadences."""
+"""The jitted train step: 1 vs 8 devices, overfitting a fixed batch, EMA cadences, skipped non-finite
+steps."""
 
 import json
 import os
@@ -119,3 +120,58 @@ def test_bfloat16_activations_and_remat_agree_with_float32():
     assert losses["remat"] == pytest.approx(losses["fp32"], abs=1e-6)
     assert losses["bf16"] == pytest.approx(losses["fp32"], abs=2e-2)
     assert losses["bf16"] != losses["fp32"]  # the option really changes the compute dtype
+
+
+def test_nonfinite_step_is_skipped_counted_and_the_lr_follows_the_step():
+    """Step 2 of 3 gets a poisoned batch (loss x NaN, so loss and gradients are NaN): it leaves
+    params, target and optimizer state bit-for-bit untouched, advances ``step`` and counts itself
+    (consecutive 1, total 1, last_step 2). Step 3 is then exactly the step an unpoisoned run would
+    take from the same state at step count 2, and applies the learning rate it logs, lr(2):
+    AdamW's whole update (decoupled decay included) scales with lr, so it is lr(2) / lr(1) = 1.5
+    times the update the same state gets at step count 1 (the rule the optimizer's own count,
+    which skipped steps do not advance, would give). Tolerance: 4 ulp of each parameter (each
+    update is known up to the rounding of the new float32 value)."""
+    cfg = fsfm_config("tiny", img_size=64)
+    lr_fn = lambda s: 1e-3 * (1.0 + jnp.asarray(s, jnp.float32))  # a different lr at every step
+    opt = make_optimizer(lr_fn)
+    base_loss = make_loss_fn(cfg, mask_ratio=0.75, mean=[0.5] * 3, std=[0.25] * 3)
+
+    def loss_fn(params, target, batch):
+        scale = jnp.where(batch["poison"], jnp.nan, 1.0)
+        total, metrics = base_loss(params, target, {k: batch[k] for k in ("image", "img_mask", "fr_mask")})
+        return total * scale, dict(metrics, loss=metrics["loss"] * scale)
+
+    step = jax.jit(make_train_step(loss_fn, opt, lr_fn=lr_fn, momentum_fn=lambda s: 0.99))
+    rng = np.random.default_rng(0)
+
+    def batch(poison):
+        mask = np.argsort(rng.random((4, 16)), axis=1) < 12
+        return dict(image=rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8), img_mask=mask, fr_mask=mask,
+                    poison=np.asarray(poison))
+
+    state1, _ = step(init_state(*init_params(cfg, jax.random.key(0)), opt), batch(False))
+    state1 = jax.device_get(state1)
+    state2, m2 = step(state1, batch(True))
+    b3 = batch(False)
+    state3, m3 = step(state2, b3)
+
+    assert int(m2["nonfinite"]) == 1 and not np.isfinite(float(m2["loss"]))
+    for key in ("params", "target", "opt"):
+        for a, b in zip(jax.tree.leaves(state2[key]), jax.tree.leaves(state1[key])):
+            np.testing.assert_array_equal(a, b)
+    assert int(state2["step"]) == 2
+    assert {k: int(v) for k, v in state2["nonfinite"].items()} == dict(consecutive=1, total=1, last_step=2)
+    assert {k: int(v) for k, v in state3["nonfinite"].items()} == dict(consecutive=0, total=1, last_step=2)
+    assert int(m3["nonfinite"]) == 0 and int(m3["nonfinite_total"]) == 1 and int(m3["nonfinite_last_step"]) == 2
+    assert float(m2["lr"]) == pytest.approx(float(lr_fn(1))) and float(m3["lr"]) == pytest.approx(float(lr_fn(2)))
+
+    at_count = lambda n: step(dict(state1, step=jnp.asarray(n, jnp.int32)), b3)[0]["params"]
+    for a, b in zip(jax.tree.leaves(state3["params"]), jax.tree.leaves(at_count(2))):
+        np.testing.assert_array_equal(a, b)
+    p1 = np.concatenate([np.ravel(p) for p in jax.tree.leaves(state1["params"])])
+    flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)]).astype(np.float64)
+    delta3, delta_count1 = flat(state3["params"]) - p1, flat(at_count(1)) - p1
+    assert np.abs(delta_count1).max() > 1e-3  # the update is large enough for the ratio to show
+    # Each difference of float32 parameters is exact up to one rounding of the new value (its ulp).
+    ulp = np.spacing(np.maximum(np.abs(p1), np.abs(p1 + delta3)).astype(np.float32)).astype(np.float64)
+    np.testing.assert_array_less(np.abs(delta3 - float(lr_fn(2) / lr_fn(1)) * delta_count1), 4 * ulp)

@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from etils import epath
+
 from fsvfm_jax.cli.common import setup_logging
 from fsvfm_jax.convert.fsfm_checkpoint import export_fsfm
 from fsvfm_jax.convert.pth import CheckpointReadError
@@ -46,12 +48,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _source(checkpoint: str) -> str:
+    """The checkpoint as the export records it: an absolute local path; a URI (gs://) unchanged."""
+    return checkpoint if "://" in checkpoint else str(Path(checkpoint).resolve())
+
+
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
     try:
         state = read_train_state(args.checkpoint, args.step)
-        if args.mean_std and not Path(args.mean_std).is_file():
+        if args.mean_std and not epath.Path(args.mean_std).is_file():
             raise FileNotFoundError(f"--mean-std {args.mean_std}: no such file")
         mean_std = read_mean_std(args.mean_std) if args.mean_std else state.mean_std
         if mean_std is None:
@@ -62,14 +69,14 @@ def main(argv=None) -> int:
         if args.to == "timm":
             pools = POOLS if args.pool == "both" else (args.pool,)
             folders = write_timm_export(out, state.params["encoder"], state.cfg, state.size, mean_std=mean_std,
-                                        pools=pools, pth=args.pth, source=str(Path(args.checkpoint).resolve()),
+                                        pools=pools, pth=args.pth, source=_source(args.checkpoint),
                                         step=state.step)
             for pool, folder in folders.items():
                 print(f"{pool}: timm.create_model('local-dir:{folder}', pretrained=True)")
         else:
             epoch = state.step if args.epoch is None else args.epoch
             meta = {"model": PUBLISHED_MODEL_NAMES[state.size], "input_size": state.cfg.img_size,
-                    "norm_pix_loss": True, "exported_by": "fsvfm-jax", "source": str(Path(args.checkpoint).resolve()),
+                    "norm_pix_loss": True, "exported_by": "fsvfm-jax", "source": _source(args.checkpoint),
                     "step": state.step}
             paths = export_fsfm(out, state.params, state.target, state.cfg, epoch=epoch, args=meta)
             write_mean_std(out / MEAN_STD_FILENAME, *mean_std)

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from etils import epath
+
 from fsvfm_jax import visualize as vis
 from fsvfm_jax.cli.common import setup_logging
 from fsvfm_jax.data.records import DataError
@@ -102,7 +104,7 @@ def run_masks(args) -> dict:
 
 def _run_config(workdir) -> dict:
     """The run's config.json as a dict ({} when the checkpoint has no workdir or no config)."""
-    f = Path(workdir) / "config.json" if workdir else None
+    f = epath.Path(workdir) / "config.json" if workdir is not None else None
     return json.loads(f.read_text()) if f is not None and f.is_file() else {}
 
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from fsvfm_jax import checkpoint
 from fsvfm_jax.convert import fsfm_layout
 from fsvfm_jax.convert.fsfm_checkpoint import encoder_geometry, identify_size
 from fsvfm_jax.data.stats import MEAN_STD_FILENAME, read_mean_std, write_mean_std
@@ -39,39 +40,40 @@ class TrainStateOnHost:
     target: dict  # target tree, numpy
     cfg: FSFMConfig
     size: str
-    workdir: Path | None
+    workdir: epath.Path | None
     mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None  # first line of pretrain_ds_mean_std.txt
 
 
-def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path | None, Path, int]:
-    """``WORKDIR``, ``WORKDIR/checkpoints`` or ``WORKDIR/checkpoints/<step>`` -> (workdir, step dir, step)."""
-    path = Path(path).resolve()
+def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path | None, epath.Path, int]:
+    """``WORKDIR``, ``WORKDIR/checkpoints`` or ``WORKDIR/checkpoints/<step>`` -> (workdir, step dir,
+    step), among the checkpoints Orbax lists as finished (an interrupted save is never read)."""
+    path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or workdir")
-    if (path / STATE_ITEM).is_dir() and path.name.isdigit():
+    if path.name.isdigit() and (path / STATE_ITEM).is_dir():
         if step is not None and int(path.name) != step:
             raise ValueError(f"{path} is step {path.name}, but --step {step} was asked for")
-        root = path.parent
-        return (root.parent if root.name == "checkpoints" else None), path, int(path.name)
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / STATE_ITEM).is_dir())
+        root, step = path.parent, int(path.name)
+    else:
+        root = path / checkpoint.CHECKPOINTS if (path / checkpoint.CHECKPOINTS).is_dir() else path
+    steps = checkpoint.finished_steps(root)
     if not steps:
         raise FileNotFoundError(f"{path}: no Orbax checkpoints (expected {root}/<step>/{STATE_ITEM})")
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise FileNotFoundError(f"{root}: no checkpoint for step {step} (have {steps})")
-    workdir = root.parent if root.name == "checkpoints" else None
+        raise FileNotFoundError(f"{root}: no checkpoint for step {step} (finished ones: {steps})")
+    workdir = root.parent if root.name == checkpoint.CHECKPOINTS else None
     return workdir, root / str(step), step
 
 
-def _model_config(workdir: Path | None, params, source: str) -> tuple[str, FSFMConfig]:
+def _model_config(workdir: epath.Path | None, params, source: str) -> tuple[str, FSFMConfig]:
     """Size from the weights (checked against config.json), img_size and the rep-decoder table
     option from config.json (the weights cannot tell them: position tables are not parameters)."""
     geometry = encoder_geometry(_encoder_sd(params), source)
     size = identify_size(geometry, source)
     overrides: dict[str, Any] = {}
-    config_file = workdir / "config.json" if workdir else None
+    config_file = workdir / "config.json" if workdir is not None else None
     if config_file is not None and config_file.is_file():
         model = json.loads(config_file.read_text()).get("model", {})
         if model.get("size"):
@@ -91,7 +93,7 @@ def _encoder_sd(params) -> dict[str, np.ndarray]:
             for p, v in fsfm_layout.flatten(params["encoder"]).items()}
 
 
-def read_train_state(path: str | Path, step: int | None = None) -> TrainStateOnHost:
+def read_train_state(path: str | os.PathLike, step: int | None = None) -> TrainStateOnHost:
     """Restore ``step``, ``params`` and ``target`` of one checkpoint as numpy (latest step by default)."""
     workdir, step_dir, step = resolve_checkpoint(path, step)
     item = step_dir / STATE_ITEM
@@ -112,21 +114,9 @@ def read_train_state(path: str | Path, step: int | None = None) -> TrainStateOnH
                             size=size, workdir=workdir, mean_std=mean_std)
 
 
-def _set_schedule_counts(opt_state, step: int):
-    """Schedule counters (``ScaleByScheduleState``) follow ``step``; Adam's own count stays 0 because
-    its moments are fresh."""
-
-    def fix(node):
-        if isinstance(node, optax.ScaleByScheduleState):
-            return node._replace(count=jnp.asarray(step, node.count.dtype))
-        return node
-
-    return jax.tree.map(fix, opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByScheduleState))
-
-
-def write_train_state(workdir: str | Path, online, target, cfg: FSFMConfig, size: str, *, step: int = 0,
-                      mean_std=None, config=None, provenance: dict | None = None) -> Path:
-    """Create a pretraining workdir that ``tools/pretrain.py --resume`` continues from.
+def write_train_state(workdir: str | os.PathLike, online, target, cfg: FSFMConfig, size: str, *, step: int = 0,
+                      mean_std=None, config=None, provenance: dict | None = None) -> epath.Path:
+    """Create a pretraining workdir that ``tools/pretrain.py`` continues from.
 
     Writes ``config.json`` (``config``, default ``pretrain_config(size)`` with this model's img_size
     and rep-decoder option), the mean/std file when known, and ``checkpoints/<step>/state`` with
@@ -135,14 +125,12 @@ def write_train_state(workdir: str | Path, online, target, cfg: FSFMConfig, size
     checkpoint has no input-pipeline position to restore. Refuses a workdir that already holds
     checkpoints.
     """
-    from fsvfm_jax import checkpoint
     from fsvfm_jax.config import pretrain_config
-    from fsvfm_jax.optim import make_optimizer
+    from fsvfm_jax.optim import at_step, make_optimizer
     from fsvfm_jax.train.step import init_state
 
-    workdir = Path(workdir)
-    ckpts = workdir / "checkpoints"
-    if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+    workdir = epath.Path(workdir)
+    if checkpoint.finished_steps(workdir / checkpoint.CHECKPOINTS):
         raise FileExistsError(f"{workdir} already holds checkpoints; choose a new workdir")
     if config is None:
         config = pretrain_config(size)
@@ -158,7 +146,7 @@ def write_train_state(workdir: str | Path, online, target, cfg: FSFMConfig, size
     to_jnp = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
     state = init_state(to_jnp(online), to_jnp(target), optimizer)
     state["step"] = jnp.asarray(step, jnp.int32)
-    state["opt"] = _set_schedule_counts(state["opt"], step)
+    state["opt"] = at_step(state["opt"], step)  # Adam's count stays 0: its moments are fresh
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     if mean_std is not None:
@@ -170,4 +158,4 @@ def write_train_state(workdir: str | Path, online, target, cfg: FSFMConfig, size
         checkpoint.save(manager, step, state)
     finally:
         manager.close()
-    return workdir / "checkpoints" / str(step)
+    return workdir / checkpoint.CHECKPOINTS / str(step)

@@ -231,7 +231,11 @@ class PretrainIterator(grain.DatasetIterator):
                 "num_skipped": self.num_skipped, "pipeline": dict(self._plan.fingerprint)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("pipeline") != self._plan.fingerprint:
+        """Continue from ``state``: saved by this pipeline, or by the same one on another number of
+        hosts with the same global batch (without skip_bad every host is at the same position,
+        counted in global batches, and masks do not depend on the host layout)."""
+        saved, mine = state.get("pipeline") or {}, self._plan.fingerprint
+        if saved != mine and not _same_global_stream(saved, mine):
             raise ValueError("data iterator state was saved by a different pipeline: "
                              f"saved {state.get('pipeline')}, this one {self._plan.fingerprint}")
         self._close_inner()
@@ -255,6 +259,15 @@ class PretrainIterator(grain.DatasetIterator):
 
     def __str__(self) -> str:
         return f"PretrainIterator(position={self._position}, batch_index={self._batch_index})"
+
+
+def _same_global_stream(saved: dict, mine: dict) -> bool:
+    """Two host layouts of one global batch stream (skip_bad positions count records per host,
+    which do not carry over)."""
+    layout = ("shard_index", "shard_count", "batch_size")
+    strip = lambda f: {k: v for k, v in f.items() if k not in layout}
+    return (not mine["skip_bad"] and strip(saved) == strip(mine)
+            and saved.get("batch_size", 0) * saved.get("shard_count", 0) == mine["batch_size"] * mine["shard_count"])
 
 
 @dataclasses.dataclass

@@ -29,6 +29,7 @@ import os
 from typing import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
 from fsvfm_jax.data.records import BadRecordError, DataError, decode_record
 
@@ -268,16 +269,25 @@ def write_mean_std(path, mean: Sequence[float], std: Sequence[float], *, append:
     Overwrites by default (the published code appends; readers use the first line, so
     an appended line would be ignored). Returns the file path.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, MEAN_STD_FILENAME)
+    path = _stats_file(path)
+    line = mean_std_line(mean, std)
+    with path.open("a" if append else "w") as f:
+        f.write(line)
+    return os.fspath(path)
+
+
+def mean_std_line(mean: Sequence[float], std: Sequence[float]) -> str:
+    """The file's one line, newline included (floats written exactly, they read back the same)."""
     for name, v in (("mean", mean), ("std", std)):
         if len(v) != 3:
             raise ValueError(f"{name} must have 3 channel values, got {list(v)}")
-    line = json.dumps({"mean": [float(x) for x in mean], "std": [float(x) for x in std]})
-    with open(path, "a" if append else "w") as f:
-        f.write(line + "\n")
-    return path
+    return json.dumps({"mean": [float(x) for x in mean], "std": [float(x) for x in std]}) + "\n"
+
+
+def _stats_file(path_or_dir) -> epath.Path:
+    """The stats file itself, or MEAN_STD_FILENAME in a folder (local or gs://, never resolved)."""
+    path = epath.Path(path_or_dir)
+    return path / MEAN_STD_FILENAME if path.is_dir() else path
 
 
 def read_mean_std(path_or_dir) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -287,13 +297,11 @@ def read_mean_std(path_or_dir) -> tuple[tuple[float, ...], tuple[float, ...]]:
     other statistics (``PUBLISHED_MEAN_STD`` holds the published constants for callers that
     choose them explicitly).
     """
-    path = os.fspath(path_or_dir)
-    if os.path.isdir(path):
-        path = os.path.join(path, MEAN_STD_FILENAME)
-    if not os.path.exists(path):
+    path = _stats_file(path_or_dir)
+    if not path.exists():
         raise DataError(f"{path} not found: compute the dataset statistics with tools/stats.py "
                         f"(python tools/stats.py ROOT --out ROOT)")
-    with open(path) as f:
+    with path.open() as f:
         first = f.readline()
     try:
         d = json.loads(first)

@@ -1,24 +1,29 @@
-"""The pretraining loop, in the order it runs: workdir -> mesh -> input pipeline -> model and
-optimizer -> sharded init -> compiled step -> checkpoint/resume -> loop.
+"""The pretraining loop, in the order it runs: workdir and resume decision -> mesh -> input pipeline
+-> model and optimizer -> sharded init -> compiled step -> restore -> loop (log, checkpoint,
+preemption).
 
-``WORKDIR`` receives ``config.json``, ``pretrain_ds_mean_std.txt`` (the normalisation the run used,
+``WORKDIR`` (a local path or a ``gs://`` URI: every path here is an ``etils.epath`` path, never
+resolved) receives ``config.json``, ``pretrain_ds_mean_std.txt`` (the normalisation the run used,
 which travels with exports), ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard
-event files beside it (``docs/observability.md``), ``train.log`` and ``checkpoints/``.
+event files beside it (``docs/observability.md``), ``train.log`` and ``checkpoints/``. A plain
+restart of the same command resumes from the latest checkpoint; docs/pod.md ("Checkpoints and
+preemption") describes saves, SIGTERM and non-finite steps.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import shutil
+import os
+import signal
+import threading
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from fsvfm_jax import checkpoint, observe, sharding
 from fsvfm_jax.config import accum_steps, compute_dtype, fsdp_size
@@ -32,6 +37,7 @@ from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_
 from fsvfm_jax.visualize import make_preview
 
 log = logging.getLogger("fsvfm_jax.pretrain")
+LOG_FILENAME, CONFIG_FILENAME = "train.log", "config.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,31 +52,49 @@ def model_config(config: ml_collections.ConfigDict, platform: str | None = None)
                        dtype=jnp.dtype(dtype), remat=m.remat, scan_blocks=m.scan_blocks)
 
 
-def _setup_workdir(workdir: Path, config, resume: bool) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpts = workdir / "checkpoints"
-    has_ckpt = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
-    if has_ckpt and not resume:
-        raise FileExistsError(f"{workdir} already holds checkpoints; pass --resume to continue that run, "
-                              "or choose another --workdir")
-    if resume and not has_ckpt:
-        raise FileNotFoundError(f"--resume: no checkpoint in {ckpts}")
-    config_file = workdir / "config.json"
-    if resume and config_file.exists():
-        saved = json.loads(config_file.read_text())
+def _resume_step(manager, workdir: epath.Path, config, resume: bool | None) -> int | None:
+    """The step to resume from, or None for a fresh start. ``resume=None`` resumes when the
+    workdir holds a checkpoint, ``True`` requires one, ``False`` refuses one. A checkpoint of
+    another model (config.json's size or img_size) is an error before anything is built."""
+    latest = manager.latest_step()
+    if latest is None:
+        if resume:
+            raise FileNotFoundError(f"--resume: no checkpoint in {manager.directory}")
+        return None
+    if resume is False:
+        raise FileExistsError(f"{workdir} already holds checkpoints (latest step {latest}); --fresh refuses to "
+                              "continue them: choose another --workdir, or drop --fresh to resume")
+    config_file = workdir / CONFIG_FILENAME
+    if config_file.exists():
+        saved = json.loads(config_file.read_text())["model"]
         for key in ("size", "img_size"):
-            if saved["model"][key] != config.model[key]:
-                raise ValueError(f"--resume: {config_file} has model.{key}={saved['model'][key]!r}, "
-                                 f"the config asks for {config.model[key]!r}")
+            if saved[key] != config.model[key]:
+                raise ValueError(f"{workdir} holds a checkpoint of another model: {config_file} has model.{key}="
+                                 f"{saved[key]!r}, the config asks for {config.model[key]!r} (use another --workdir)")
+    return latest
+
+
+def _setup_workdir(workdir: epath.Path, config) -> logging.Handler | None:
+    """Process 0 writes config.json and attaches the train.log handler (returned, to detach)."""
     if jax.process_index() != 0:  # one writer per workdir on a shared filesystem
-        return
-    config_file.write_text(config.to_json_best_effort(indent=2))
-    handler = logging.FileHandler(workdir / "train.log")
+        return None
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(workdir / CONFIG_FILENAME, config.to_json_best_effort(indent=2))
+    appendable = "://" not in os.fspath(workdir)  # object stores (gs://) cannot append: this run's log only
+    handler = logging.StreamHandler((workdir / LOG_FILENAME).open("a" if appendable else "w"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("fsvfm_jax").addHandler(handler)
+    return handler
 
 
-def _mean_std(config, workdir: Path, resume: bool):
+def _write_atomic(path: epath.Path, text: str) -> None:
+    """Write a whole file so that a kill leaves either the old or the new one."""
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _mean_std(config, workdir: epath.Path, resume: bool):
     """Normalisation statistics (docs/data.md, "Statistics file"). ``data.normalize="dataset"``:
     the configured file, else (when resuming) the run's own, else the first root's; none of them
     is an error naming tools/stats.py. ``"vggface2"`` / ``"imagenet"``: the published constants.
@@ -82,21 +106,20 @@ def _mean_std(config, workdir: Path, resume: bool):
             raise ValueError(f"data.normalize={choice!r} uses the published constants; it cannot be combined with "
                              f"data.mean_std_file={config.data.mean_std_file!r} (use data.normalize='dataset')")
         mean, std = stats.PUBLISHED_MEAN_STD[choice]
-        if jax.process_index() == 0:
-            stats.write_mean_std(own, mean, std)
+        _keep_in_workdir(own, mean, std)
         return mean, std
     if choice != "dataset":
         raise ValueError(f"data.normalize must be 'dataset' or one of {sorted(stats.PUBLISHED_MEAN_STD)}, got {choice!r}")
-    candidates = [Path(config.data.mean_std_file)] if config.data.mean_std_file else []
+    candidates = [epath.Path(config.data.mean_std_file)] if config.data.mean_std_file else []
     if resume:
         candidates.append(own)
     if config.data.roots:
-        candidates.append(Path(config.data.roots[0]) / stats.MEAN_STD_FILENAME)
+        candidates.append(epath.Path(config.data.roots[0]) / stats.MEAN_STD_FILENAME)
     for path in candidates:
         if path.is_file():
-            if jax.process_index() == 0 and path.resolve() != own.resolve():
-                shutil.copyfile(path, own)
-            return stats.read_mean_std(path)
+            mean, std = stats.read_mean_std(path)
+            _keep_in_workdir(own, mean, std)
+            return mean, std
     roots = " ".join(map(str, config.data.roots)) or "ROOT"
     raise FileNotFoundError(
         f"no dataset statistics ({', '.join(map(str, candidates)) or 'no data.mean_std_file'}): compute them with "
@@ -117,11 +140,58 @@ def pretraining_records(config: ml_collections.ConfigDict):
     return list(config.data.roots)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False) -> dict:
-    """Run (or resume) pretraining; returns the last logged metrics."""
-    workdir = Path(workdir)
+def _keep_in_workdir(own: epath.Path, mean, std) -> None:
+    """Process 0 writes the statistics in use into the workdir (atomically, only when they changed)."""
+    text = stats.mean_std_line(mean, std)
+    if jax.process_index() == 0 and not (own.exists() and own.read_text() == text):
+        _write_atomic(own, text)
+
+
+class _Preemption:
+    """Whether to save and stop now. One process: a SIGTERM handler that only sets a flag (the
+    loop saves at the next step boundary). Several: Orbax's preemption sync point, which JAX's
+    preemption service raises on every host at the same step when any host gets SIGTERM."""
+
+    def __init__(self, manager):
+        self.manager, self.signalled, self._previous = manager, False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        self.signalled = True
+
+    def uninstall(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def reached(self, step: int) -> bool:
+        return self.manager.reached_preemption(step) or self.signalled
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, resume: bool | None = None) -> dict:
+    """Run pretraining, resuming from the workdir's latest checkpoint when it holds one
+    (``resume=True`` requires one, ``False`` refuses one); returns the last logged metrics."""
+    workdir = epath.Path(workdir)
     records = pretraining_records(config)
-    _setup_workdir(workdir, config, resume)
+    manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    preemption = _Preemption(manager)
+    log_handler = None
+    try:
+        resume_step = _resume_step(manager, workdir, config, resume)
+        log_handler = _setup_workdir(workdir, config)
+        return _run(config, workdir, records, manager, resume_step, preemption)
+    finally:
+        preemption.uninstall()
+        manager.close()  # waits for a save in flight
+        if log_handler is not None:
+            logging.getLogger("fsvfm_jax").removeHandler(log_handler)
+            log_handler.close()
+            log_handler.stream.close()  # a StreamHandler leaves its stream open; on a bucket, closing writes it
+
+
+def _run(config, workdir: epath.Path, records, manager, resume_step: int | None, preemption: _Preemption) -> dict:
     if config.model.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", config.model.matmul_precision)
     if config.compilation_cache_dir:
@@ -148,7 +218,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     iterator = data.iterator()
     steps_per_epoch = data.batches_per_epoch
     total_steps = config.total_steps or config.epochs * steps_per_epoch
-    mean, std = _mean_std(config, workdir, resume)
+    mean, std = _mean_std(config, workdir, resume_step is not None)
     log.info("data: %d images (%d skipped while indexing), %d steps/epoch, %d steps; mean %s std %s",
              data.num_examples, getattr(data.source, "num_skipped", 0), steps_per_epoch, total_steps,
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())
@@ -197,12 +267,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
              f"{flops / 1e9:.4g}" if flops else "unknown", f"{peak / 1e12:.4g}" if peak else "unknown",
              jax.devices()[0].device_kind)
 
-    # --- checkpoint / resume -------------------------------------------------------------------
-    manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
-    if resume:
+    # --- restore ---------------------------------------------------------------------------------
+    if resume_step is not None:
         abstract = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
         imported = (workdir / checkpoint.IMPORT_RECORD).exists()
-        start_step, state, data_restored = checkpoint.restore(manager, abstract, iterator, require_data=not imported)
+        start_step, state, data_restored = checkpoint.restore(manager, abstract, iterator, resume_step,
+                                                              require_data=not imported)
         log.info("resumed from step %d%s", start_step,
                  "" if data_restored else " (an imported checkpoint: the input pipeline starts at its beginning)")
     else:
@@ -210,8 +280,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         start_step = 0
 
     # --- loop (what is logged: docs/observability.md) ------------------------------------------
+    if preemption.signalled:
+        log.warning("SIGTERM before the first step: nothing new to save, stopping")
+        return {}
     n_masked = data.num_patches - mcfg.n_keep(config.data.mask_ratio)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, start_step=start_step)
     last_step = min(total_steps, config.stop_at_step or total_steps)
     clock = observe.StepClock(total_steps=total_steps, images_per_step=config.global_batch_size)
     profile = observe.ProfileWindow(config.profile_steps, workdir)
@@ -219,7 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                    interactive=False if jax.process_index() else None)
     preview = make_preview(mcfg, mean, std, mask_ratio=config.data.mask_ratio, norm_pix=config.loss.norm_pix,
                            out_sharding=sharding.replicated(mesh))
-    last = {}
+    last, nonfinite_seen = {}, 0
     if start_step >= last_step:
         log.info("nothing to do: the run is at step %d of %d", start_step, last_step)
     try:
@@ -246,19 +319,34 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                          "data wait %.0f%%  ETA %s", step, total_steps, last["loss"], last["loss_rec_all"],
                          last["loss_rec_fr"], last["loss_cl"], last["lr"], last["momentum"], last["images_per_s"],
                          100 * last["data_wait_fraction"], observe.format_duration(last["eta_s"]))
-                if metrics["nonfinite"] or not math.isfinite(last["loss"]):
-                    raise NonFiniteLossError(f"non-finite loss at step {step}; the update was skipped and "
-                                             f"training stops (last checkpoint: {manager.latest_step()})")
+                nonfinite_seen = _check_nonfinite(metrics, step, nonfinite_seen, config.max_nonfinite_steps, manager)
             if config.image_every_steps and step % config.image_every_steps == 0:
                 with clock.paused():
                     writer.write_images(step, {"train/masks_and_reconstructions": preview(state["params"], batch)})
-            if step % config.checkpoint_every_steps == 0 or step == last_step:
+            preempted = preemption.reached(step)
+            if preempted or step % config.checkpoint.save_interval_steps == 0 or step == last_step:
                 with clock.paused():
                     checkpoint.save(manager, step, state, iterator)
-                log.info("saved checkpoint %d", step)
+                log.info("saving checkpoint %d%s", step, " (preemption)" if preempted else "")
+            if preempted:
+                log.warning("preempted: stopping after the checkpoint of step %d; a plain restart resumes", step)
+                break
+        manager.wait_until_finished()
     finally:
         profile.stop()
         bar.close()
         writer.close()
-        manager.close()
     return last
+
+
+def _check_nonfinite(metrics, step: int, seen: int, max_consecutive: int, manager) -> int:
+    """Log the skipped non-finite steps since the last fetch; raise once ``max_consecutive`` follow
+    each other. Returns the total seen so far."""
+    total, consecutive = int(metrics["nonfinite_total"]), int(metrics["nonfinite_consecutive"])
+    if total > seen:
+        log.warning("step %d: %d non-finite step(s) skipped so far (updates not applied), the last at step %d, "
+                    "%d in a row now", step, total, int(metrics["nonfinite_last_step"]), consecutive)
+    if consecutive >= max_consecutive:
+        raise NonFiniteLossError(f"{consecutive} consecutive non-finite steps up to step {step} (max_nonfinite_steps="
+                                 f"{max_consecutive}): training stops (last checkpoint: {manager.latest_step()})")
+    return total

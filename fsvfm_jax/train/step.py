@@ -1,8 +1,13 @@
 """The jitted pretraining update: a pure function ``(state, batch) -> (state, metrics)``.
 
-``state`` is a plain dict ``{step, params, target, opt}``; schedules are functions of ``step``, so
-nothing random or stateful lives outside it and a restored state continues exactly. Images arrive
-as uint8 and are normalised here, on the device.
+``state`` is a plain dict ``{step, params, target, opt, nonfinite}``; schedules are functions of
+``step``, so nothing random or stateful lives outside it and a restored state continues exactly.
+Images arrive as uint8 and are normalised here, on the device.
+
+A step whose loss or gradient norm is not finite changes nothing but ``step`` and the
+``nonfinite`` counters (``consecutive``, ``total``, ``last_step``: the step number of the last
+one, -1 if none); the loop reads them whenever it fetches metrics, so detection costs no host sync
+(docs/pod.md, "Non-finite steps").
 
 Gradient accumulation runs inside the step (``lax.scan`` over micro-batches), so one call is one
 optimizer step. The EMA target moves once per optimizer step (``ema_cadence="step"``, docs/method.md "EMA target"),
@@ -24,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fsvfm_jax.losses import pretrain_loss
 from fsvfm_jax.models.fsfm import FSFMConfig, FSFMOnline, FSFMTarget, params_for_apply
 from fsvfm_jax.models.vit import patchify
-from fsvfm_jax.optim import ema_update
+from fsvfm_jax.optim import at_step, ema_update
 from fsvfm_jax.sharding import BATCH_AXES, batch_sharding, replicated
 
 EMA_CADENCES = ("step", "micro", "frozen")
@@ -75,7 +80,9 @@ def make_loss_fn(model_cfg: FSFMConfig, *, mask_ratio: float, mean, std, norm_pi
 
 
 def init_state(params, target, optimizer: optax.GradientTransformation) -> dict:
-    return dict(step=jnp.zeros((), jnp.int32), params=params, target=target, opt=optimizer.init(params))
+    zero = jnp.zeros((), jnp.int32)
+    return dict(step=zero, params=params, target=target, opt=optimizer.init(params),
+                nonfinite=dict(consecutive=zero, total=zero, last_step=zero - 1))
 
 
 def _split_micro(batch, accum_steps: int):
@@ -133,9 +140,9 @@ def make_train_step(loss_fn: Loss, optimizer: optax.GradientTransformation, *, l
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     ``momentum_fn`` is indexed by optimizer step for ``"step"`` cadence and by micro-iteration
-    (``step * accum_steps + j``) for ``"micro"``. A non-finite loss leaves the state untouched
-    except the step count, and reports ``nonfinite = 1`` so the loop can stop (the published code
-    exits on a non-finite loss).
+    (``step * accum_steps + j``) for ``"micro"``, the learning rate by ``step`` (``optim.at_step``).
+    A non-finite loss or gradient leaves params, target and optimizer untouched and counts the step
+    in ``state["nonfinite"]``; metrics carry the counters and ``nonfinite`` (1 for this step).
     With ``mesh`` and ``state_shardings`` the gradients are computed per device, ZeRO-3
     (:func:`per_device_grads`); without, by plain autodiff (one device, or XLA's choice).
     """
@@ -173,7 +180,7 @@ def make_train_step(loss_fn: Loss, optimizer: optax.GradientTransformation, *, l
             metrics = jax.tree.map(jnp.mean, metrics)
         grads = reduce_replicas(grads)  # the data-axis reduction: once per optimizer step
 
-        updates, opt = optimizer.update(grads, state["opt"], params)
+        updates, opt = optimizer.update(grads, at_step(state["opt"], step), params)
         new_params = optax.apply_updates(params, updates)
         if ema_cadence == "step":
             momentum = momentum_fn(step)
@@ -184,16 +191,23 @@ def make_train_step(loss_fn: Loss, optimizer: optax.GradientTransformation, *, l
         else:
             momentum, new_target = jnp.ones(()), target
 
-        finite = jnp.isfinite(metrics["loss"])
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        count = state["nonfinite"]
+        nonfinite = dict(consecutive=jnp.where(finite, 0, count["consecutive"] + 1),
+                         total=count["total"] + (~finite).astype(jnp.int32),
+                         last_step=jnp.where(finite, count["last_step"], step + 1))
         new_state = dict(
             step=step + 1,
             params=keep(new_params, params),
             target=keep(new_target, state["target"]),
             opt=keep(opt, state["opt"]),
+            nonfinite=nonfinite,
         )
-        metrics = dict(metrics, lr=lr_fn(step), momentum=momentum, grad_norm=optax.tree.norm(grads),
-                       nonfinite=(~finite).astype(jnp.int32))
+        metrics = dict(metrics, lr=lr_fn(step), momentum=momentum, grad_norm=grad_norm,
+                       nonfinite=(~finite).astype(jnp.int32),
+                       **{f"nonfinite_{k}": v for k, v in nonfinite.items()})
         return new_state, metrics
 
     return train_step
