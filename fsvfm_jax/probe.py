@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fsvfm_jax import metrics, sharding
+from fsvfm_jax import checkpoint, metrics, sharding
 from fsvfm_jax.convert.fsfm_checkpoint import EncoderGeometry, canonical_size, describe_size, identify_size
 from fsvfm_jax.convert.timm_export import TIMM_WEIGHTS, encoder_to_timm, load_encoder_for_finetune
 from fsvfm_jax.convert.train_state import read_train_state, resolve_checkpoint
@@ -275,11 +275,11 @@ def is_workdir(path: str | Path) -> bool:
 
 def workdir_steps(path: str | Path, steps: str = "latest") -> list[int]:
     """``latest``, ``all`` or a comma list -> checkpoint steps of a pretraining workdir."""
-    _, _, latest = resolve_checkpoint(path)
+    _, step_dir, latest = resolve_checkpoint(path)
     if steps == "latest":
         return [latest]
-    root = Path(path) / "checkpoints" if (Path(path) / "checkpoints").is_dir() else Path(path)
-    have = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    root = step_dir.parent
+    have = checkpoint.finished_steps(root)  # Orbax's answer: an interrupted save does not count
     if steps == "all":
         return have
     try:

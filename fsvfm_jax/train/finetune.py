@@ -125,8 +125,8 @@ def _sampler(config, train: labeled.LabeledSet, fas_data):
 
 def _setup_workdir(workdir: Path, config, resume: bool) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpts = workdir / "checkpoints"
-    has_ckpt = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+    ckpts = workdir / checkpoint.CHECKPOINTS
+    has_ckpt = bool(checkpoint.finished_steps(ckpts))  # Orbax's answer: an interrupted save does not count
     if has_ckpt and not resume:
         raise FileExistsError(f"{workdir} already holds checkpoints; pass --resume or choose another --workdir")
     if resume and not has_ckpt:
