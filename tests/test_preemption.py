@@ -140,16 +140,17 @@ def kill_during_save(workdir, faces, extra) -> tuple[Run, list[str]]:
     return run, seen
 
 
-def kill_at_random(workdir, faces, rng, ref: Reference) -> tuple[Run, float]:
-    """Kill -9 at a uniformly random moment of the training still to do (saves included)."""
-    remaining = (ref.steps - latest_step(workdir)) * ref.seconds_per_step
+def kill_at_random(workdir, faces, rng, ref: Reference, after_step: int) -> tuple[Run, str]:
+    """Kill -9 once the run has logged ``after_step`` (or a later one), after a random fraction of
+    a step's time: a random moment of training, which can fall into a checkpoint write."""
+    delay = float(rng.uniform(0, ref.seconds_per_step))
     run = Run(workdir, faces, *ref.extra)
-    run.training.wait(300)
-    delay = float(rng.uniform(0, remaining))
+    while run.proc.poll() is None and max(run.steps(), default=0) < after_step:
+        time.sleep(0.001)
     time.sleep(delay)
     run.proc.send_signal(signal.SIGKILL)
     run.wait()
-    return run, delay
+    return run, f"{delay:.2f} s after step {after_step}"
 
 
 def check_kills(faces, ref: Reference, workdir, random_kills: int):
@@ -166,16 +167,16 @@ def check_kills(faces, ref: Reference, workdir, random_kills: int):
     cut = [int(name.split(".")[0]) for name in tmp_checkpoints(workdir)]
     assert not set(cut) & set(finished), history  # a cut write is never listed as a checkpoint
     runs = []
-    while len(runs) < random_kills and latest_step(workdir) < ref.steps:
-        run, delay = kill_at_random(workdir, faces, rng, ref)
+    # Random steps before the second-to-last, in order: every kill finds training left to do.
+    for after_step in sorted(rng.integers(1, ref.steps - 1, size=random_kills)):
+        run, moment = kill_at_random(workdir, faces, rng, ref, int(after_step))
         runs.append(run)
-        history.append(f"resumed from {RESUMED.findall(run.log)}, killed {delay:.2f} s into training "
-                       f"after step {max(run.steps(), default=0)} (exit {run.proc.returncode})")
-    killed = sum(run.proc.returncode == -signal.SIGKILL for run in runs)
+        history.append(f"resumed from {RESUMED.findall(run.log)}, killed {moment} "
+                       f"(last logged {max(run.steps(), default=0)}, exit {run.proc.returncode})")
     runs.append(finish(workdir, faces, *ref.extra))
     history.append(f"final run resumed from {RESUMED.findall(runs[-1].log)}")
     print("\n".join(history))
-    assert killed == random_kills, history  # every kill hit a run with training left
+    assert all(run.proc.returncode == -signal.SIGKILL for run in runs[:-1]), history  # each kill hit a live run
     # The run after the cut write resumed from the last finished checkpoint (or started afresh).
     assert RESUMED.findall(runs[0].log) == [str(step) for step in finished[-1:]], history
     assert tmp_checkpoints(workdir) == [], history  # leftovers of killed writes are removed
@@ -197,8 +198,8 @@ def test_kill_9_at_random_moments_then_plain_restarts_end_bit_identical(faces, r
 
 @pytest.mark.slow
 def test_kill_9_at_ten_random_moments(faces, tmp_path):
-    """The same on a 24-step run: one kill during an async save, then ten at random moments."""
-    check_kills(faces, Reference(tmp_path / "straight", faces, steps=24), tmp_path / "killed", random_kills=10)
+    """The same on a 24-step run: ten kills, one during an async save and nine at random moments."""
+    check_kills(faces, Reference(tmp_path / "straight", faces, steps=24), tmp_path / "killed", random_kills=9)
 
 
 def test_sigterm_saves_at_the_step_it_stopped_and_exits_0(faces, tmp_path):
@@ -255,7 +256,7 @@ def test_resume_on_8_devices_with_fsdp_and_back_on_one(faces, reference, tmp_pat
             shutil.rmtree(workdir / checkpoint.CHECKPOINTS / str(step))
     sharded = finish(workdir, faces, "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=1024",
                      "--config.stop_at_step=4", devices=8)
-    assert "resumed from step 2" in sharded.log and "{'data': 4, 'fsdp': 2}" in sharded.log
+    assert "resumed from step 2" in sharded.log and "'data': 4, 'fsdp': 2}" in sharded.log
     data_state = lambda wd: sorted((Path(wd) / checkpoint.CHECKPOINTS / "4" / checkpoint.DATA).glob("process_*.json"))
     assert len(data_state(ref)) == 1
     for mine, theirs in zip(data_state(workdir), data_state(ref), strict=True):
