@@ -48,7 +48,7 @@ class Loss:
     batch-global means global (``objective``). Calling it composes both:
     ``loss(params, target_params, batch) -> (total, metrics)``."""
 
-    forward: Callable  # (params, target_params, batch) -> {pred [B,L,p*p*3], p [B,P], z [B,P]}
+    forward: Callable  # (params, target_params, batch) -> {pred, target [B,L,p*p*3], p [B,P], z [B,P]}
     objective: Callable  # (outputs, batch) -> (total, metrics)
 
     def __call__(self, params, target_params, batch):
@@ -66,12 +66,12 @@ def make_loss_fn(model_cfg: FSFMConfig, *, mask_ratio: float, mean, std, norm_pi
         out = online.apply({"params": params_for_apply(model_cfg, params)}, images, batch["img_mask"], n_keep)
         z = target.apply({"params": params_for_apply(model_cfg, target_params)}, images)["z"]
         z = jax.lax.stop_gradient(z)
-        return dict(pred=out["pred"], p=out["p"], z=z)
+        # The pixel target comes out with the predictions: the images are normalised once, per device.
+        return dict(pred=out["pred"], target=patchify(images, model_cfg.patch_size), p=out["p"], z=z)
 
     def objective(outputs, batch):
-        images = normalize_images(batch["image"], mean, std)
         return pretrain_loss(
-            outputs["pred"], patchify(images, model_cfg.patch_size), outputs["p"], outputs["z"],
+            outputs["pred"], outputs["target"], outputs["p"], outputs["z"],
             batch["img_mask"], batch["fr_mask"], norm_pix=norm_pix, weight_fr=weight_fr,
             weight_cl=weight_cl, cl_loss=cl_loss, temperature=temperature, positives_only=positives_only,
         )
@@ -102,31 +102,35 @@ def per_device_grads(loss: Loss, mesh, state_shardings):
 
     ZeRO-3 by construction: kernels are all-gathered over ``fsdp`` where each layer uses them, and
     the transpose of that gather reduce-scatters their gradients. The parameters enter once per
-    data replica (a leading axis of size ``data``, split over the data axes: a local copy of the
-    shard each device already holds), so the returned gradients stay per replica, ``[data, ...]``
-    and sharded like the parameters: summing that axis is the data-axis all-reduce, which the
-    step does once per optimizer step, after accumulation (docs/pod.md).
+    replica, a leading axis split over the mesh (a local copy of what each device already holds):
+    over the data axes for fsdp-sharded kernels, over every axis for the replicated leaves. So the
+    returned gradients stay per replica, ``[replicas, ...]`` and sharded like the parameters, and
+    no gradient is reduced inside the micro-batch loop but the kernels' reduce-scatter: summing
+    the replica axis is the all-reduce, which the step does once per optimizer step, after
+    accumulation (docs/pod.md). (A replicated leaf entering once per data replica would need a
+    psum over ``fsdp`` of its gradient per micro-batch, and XLA keeps that all-reduce even over a
+    one-device axis: a barrier that holds every gradient at once, 4% more temporary memory on
+    one CPU device.)
     """
     data_axes = tuple(a for a in BATCH_AXES if a != "fsdp")
-    n_data = int(np.prod([mesh.shape[a] for a in data_axes]))
     specs = jax.tree.map(lambda s: s.spec, state_shardings)
-    replica_specs = jax.tree.map(lambda s: P(data_axes, *s), specs["params"])
+    replica_axes = lambda spec: data_axes if "fsdp" in spec else BATCH_AXES
+    replica_specs = jax.tree.map(lambda s: P(replica_axes(s), *s), specs["params"])
     batch_spec = P(BATCH_AXES)
 
     def local_forward(replicas, target, batch):
-        # Leaves not split over fsdp become per-device values here, so the transpose (a psum over
-        # fsdp) reduces their parameter-shaped gradient, not an activation-shaped one.
-        params = jax.tree.map(lambda x, spec: x[0] if "fsdp" in spec else jax.lax.pcast(x[0], "fsdp", to="varying"),
-                              replicas, specs["params"])
-        return loss.forward(params, target, batch)
+        return loss.forward(jax.tree.map(lambda x: x[0], replicas), target, batch)
 
     forward = jax.shard_map(local_forward, mesh=mesh, in_specs=(replica_specs, specs["target"], batch_spec),
                             out_specs=batch_spec)
 
     def replicate(params):
+        def broadcast(x, spec):
+            n = int(np.prod([mesh.shape[a] for a in replica_axes(spec)]))
+            return jnp.broadcast_to(x, (n, *x.shape))
+
         shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), replica_specs)
-        return jax.lax.with_sharding_constraint(
-            jax.tree.map(lambda x: jnp.broadcast_to(x, (n_data, *x.shape)), params), shardings)
+        return jax.lax.with_sharding_constraint(jax.tree.map(broadcast, params, specs["params"]), shardings)
 
     def grads_fn(replicas, target, batch):
         return jax.value_and_grad(lambda r: loss.objective(forward(r, target, batch), batch), has_aux=True)(replicas)
