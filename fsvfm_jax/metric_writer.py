@@ -17,13 +17,31 @@ import json
 import logging
 import math
 import os
+import sys
 
 import cv2
 import jax
 import numpy as np
 from etils import epath
-from tensorboardX import FileWriter
-from tensorboardX.proto.summary_pb2 import Summary
+
+
+def _import_tensorboardx():
+    """tensorboardX's package init imports torch when it is installed (the ``torch`` extra, the
+    tests), only to accept torch tensors; we pass numpy. Loading torch costs 2-4 s at every start
+    of a run, so torch is hidden while tensorboardX loads (``import torch`` works again after)."""
+    if "torch" in sys.modules:
+        import tensorboardX  # noqa: F401
+        return
+    sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        import tensorboardX  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
+_import_tensorboardx()
+from tensorboardX import FileWriter  # noqa: E402 (after the import above)
+from tensorboardX.proto.summary_pb2 import Summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 
