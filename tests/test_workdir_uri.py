@@ -8,8 +8,11 @@ driver, which no Python mock reaches: for Orbax the test checks that the checkpo
 given the URI itself, then lets a real manager write to the local stand-in.
 """
 
+import functools
+import importlib.util
 import logging
 import os
+from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
@@ -18,14 +21,29 @@ from etils import epath
 from etils.epath import testing as epath_testing
 from tensorboardX import record_writer
 
+# The command-line runs' data and settings: the same program, compiled once per test session.
+from test_pretrain_tool import SMALL_RUN, faces  # noqa: F401 (faces is a fixture)
+
 from fsvfm_jax import checkpoint
-from fsvfm_jax.config import pretrain_config
 from fsvfm_jax.convert import train_state
 from fsvfm_jax.data import stats
-from fsvfm_jax.data.synthetic import write_synthetic_dataset
 from fsvfm_jax.train import pretrain
 
 BUCKET, WORKDIR = "gs://bucket", "gs://bucket/run"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_run_config():
+    """configs/demo.py with SMALL_RUN's ``--config.<field>=<value>`` overrides, as the tool builds it."""
+    spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for flag in SMALL_RUN:
+        *parents, leaf = flag.removeprefix("--config.").split("=")[0].split(".")
+        node = functools.reduce(getattr, parents, config)
+        setattr(node, leaf, type(getattr(node, leaf))(flag.split("=", 1)[1]))
+    return config
 
 
 class FakeBucket:
@@ -82,32 +100,26 @@ def test_the_checkpoint_manager_gets_the_uri_itself(bucket):
     assert os.fspath(managed[0]) == "gs://bucket/run/checkpoints"
 
 
-def test_pretraining_in_a_bucket_workdir_writes_there_and_resumes(bucket, tmp_path, monkeypatch, caplog):
+def test_pretraining_in_a_bucket_workdir_writes_there_and_resumes(bucket, faces, tmp_path, monkeypatch, caplog):
     fake, managed = bucket
     caplog.set_level(logging.INFO, logger="fsvfm_jax")  # what the command-line tool logs
-    faces = tmp_path / "faces"
-    write_synthetic_dataset(faces, 16, seed=0, size=64, map_size=64)
-    stats.write_mean_std(faces, *stats.compute_mean_std(str(faces), image_size=64)[:2])
-    config = pretrain_config("tiny")
+    config = small_run_config()
     config.data.roots = (str(faces),)
-    config.model.img_size = 64
-    config.data.region_block = 4
-    config.global_batch_size, config.total_steps, config.log_every_steps = 8, 3, 1
-    config.checkpoint.save_interval_steps, config.image_every_steps = 2, 0
     config.stop_at_step = 2
 
     pretrain.train(config, WORKDIR)
     config.stop_at_step = 0
     last = pretrain.train(config, WORKDIR)  # a plain restart: finds the checkpoint of step 2 in the bucket
 
-    assert last["step"] == 3 and jax.numpy.isfinite(last["loss"])
+    steps = config.total_steps
+    assert last["step"] == steps and jax.numpy.isfinite(last["loss"])
     assert {os.fspath(d) for d in managed} == {"gs://bucket/run/checkpoints"}
     local = tmp_path / "bucket" / "run"
     for name in ("config.json", "train.log", "metrics.jsonl", stats.MEAN_STD_FILENAME):
         assert (local / name).is_file(), name
     assert any(p.name.startswith("events.out.tfevents") for p in local.iterdir())
     assert "resumed from step 2" in (local / "train.log").read_text()
-    assert [line.count('"step"') for line in (local / "metrics.jsonl").read_text().splitlines()] == [1, 1, 1]
+    assert [line.count('"step"') for line in (local / "metrics.jsonl").read_text().splitlines()] == [1] * steps
     in_bucket = [p for p in fake.seen if "gs:" in p]
     assert in_bucket and all(p.startswith("gs://bucket/run") for p in in_bucket), sorted(set(in_bucket))[:5]
 
@@ -123,4 +135,4 @@ def test_pretraining_in_a_bucket_workdir_writes_there_and_resumes(bucket, tmp_pa
     monkeypatch.setattr(checkpoint, "finished_steps", finished_on_the_stand_in)
     workdir, step_dir, step = train_state.resolve_checkpoint(WORKDIR)
     assert asked == ["gs://bucket/run/checkpoints"]
-    assert (os.fspath(workdir), os.fspath(step_dir), step) == (WORKDIR, "gs://bucket/run/checkpoints/3", 3)
+    assert (os.fspath(workdir), os.fspath(step_dir), step) == (WORKDIR, f"gs://bucket/run/checkpoints/{steps}", steps)
