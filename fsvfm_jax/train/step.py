@@ -184,31 +184,29 @@ def make_train_step(loss_fn: Loss, optimizer: optax.GradientTransformation, *, l
             metrics = jax.tree.map(jnp.mean, metrics)
         grads = reduce_replicas(grads)  # the data-axis reduction: once per optimizer step
 
-        updates, opt = optimizer.update(grads, at_step(state["opt"], step), params)
-        new_params = optax.apply_updates(params, updates)
         if ema_cadence == "step":
             momentum = momentum_fn(step)
-            new_target = ema_update(target, new_params, momentum)
         elif ema_cadence == "micro":
             momentum = momentum_fn(step * accum_steps + accum_steps - 1)
-            new_target = ema_update(target, new_params, momentum)
         else:
-            momentum, new_target = jnp.ones(()), target
+            momentum = jnp.ones(())
+
+        def apply(_):
+            updates, opt = optimizer.update(grads, at_step(state["opt"], step), params)
+            new_params = optax.apply_updates(params, updates)
+            new_target = target if ema_cadence == "frozen" else ema_update(target, new_params, momentum)
+            return new_params, new_target, opt
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        # Only the taken branch runs: no select over every leaf of the state, no second copy of it.
+        new_params, new_target, opt = jax.lax.cond(
+            finite, apply, lambda _: (params, state["target"], state["opt"]), None)
         count = state["nonfinite"]
         nonfinite = dict(consecutive=jnp.where(finite, 0, count["consecutive"] + 1),
                          total=count["total"] + (~finite).astype(jnp.int32),
                          last_step=jnp.where(finite, count["last_step"], step + 1))
-        new_state = dict(
-            step=step + 1,
-            params=keep(new_params, params),
-            target=keep(new_target, state["target"]),
-            opt=keep(opt, state["opt"]),
-            nonfinite=nonfinite,
-        )
+        new_state = dict(step=step + 1, params=new_params, target=new_target, opt=opt, nonfinite=nonfinite)
         metrics = dict(metrics, lr=lr_fn(step), momentum=momentum, grad_norm=grad_norm,
                        nonfinite=(~finite).astype(jnp.int32),
                        **{f"nonfinite_{k}": v for k, v in nonfinite.items()})
