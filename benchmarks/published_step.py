@@ -177,28 +177,31 @@ def published_child(args) -> dict:
 
 
 def ours_child(args) -> dict:
-    """Our step as ``tools/pretrain.py`` runs it: compiled ahead from abstract shapes, the freed
-    compiler heap trimmed, the state initialised by a jitted init and donated to every step."""
+    """Our step as ``tools/pretrain.py`` runs it: on a one-device mesh (the per-device ZeRO-3 step),
+    compiled ahead from abstract shapes, the freed compiler heap trimmed, the state initialised by
+    a jitted init and donated to every step."""
     import jax
 
-    from fsvfm_jax import hostmem
+    from fsvfm_jax import hostmem, sharding
     from fsvfm_jax.models.fsfm import fsfm_config, init_params
     from fsvfm_jax.optim import make_optimizer
-    from fsvfm_jax.train.step import init_state, make_loss_fn, make_train_step
+    from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
 
     cfg = fsfm_config(args.size)
     optimizer = make_optimizer(1e-4)
     loss_fn = make_loss_fn(cfg, mask_ratio=0.75, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    train_step = jax.jit(make_train_step(loss_fn, optimizer, lr_fn=lambda s: 1e-4, momentum_fn=lambda s: 0.996),
-                         donate_argnums=0)
-    images, img_mask, fr_mask = synthetic_batch(args.batch, cfg.img_size, cfg.patch_size)
-    batch = dict(image=images, img_mask=img_mask, fr_mask=fr_mask)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
     init = lambda: init_state(*init_params(cfg, jax.random.key(0)), optimizer)
+    shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
+    train_step = jit_train_step(make_train_step(loss_fn, optimizer, lr_fn=lambda s: 1e-4, momentum_fn=lambda s: 0.996,
+                                                mesh=mesh, state_shardings=shardings), shardings, mesh)
+    images, img_mask, fr_mask = synthetic_batch(args.batch, cfg.img_size, cfg.patch_size)
+    batch = sharding.global_batch(dict(image=images, img_mask=img_mask, fr_mask=fr_mask), mesh)
     compile_start = time.perf_counter()
     compiled = train_step.lower(jax.eval_shape(init), batch).compile()
     compile_s = time.perf_counter() - compile_start
     hostmem.release_freed_heap()
-    holder = [jax.jit(init)()]
+    holder = [jax.jit(init, out_shardings=shardings)()]
 
     def step():
         holder[0], metrics = compiled(holder[0], batch)

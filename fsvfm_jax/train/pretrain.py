@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fsvfm_jax import checkpoint, observe, sharding
+from fsvfm_jax import checkpoint, hostmem, observe, sharding
 from fsvfm_jax.config import accum_steps, compute_dtype, fsdp_size
 from fsvfm_jax.data import stats
 from fsvfm_jax.data.pipeline import make_pretrain_dataset
@@ -266,6 +266,8 @@ def _run(config, workdir: epath.Path, records, manager, resume_step: int | None,
     log.info("train step: %s GFLOP per device (XLA cost analysis); peak %s TFLOP/s per %s",
              f"{flops / 1e9:.4g}" if flops else "unknown", f"{peak / 1e12:.4g}" if peak else "unknown",
              jax.devices()[0].device_kind)
+
+    hostmem.release_freed_heap()  # the compiler's freed heap back to the OS before the state and temporaries
 
     # --- restore ---------------------------------------------------------------------------------
     if resume_step is not None:
