@@ -82,7 +82,7 @@ def check_size(size, tmp_path, record_property):
     return folders
 
 
-@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+@pytest.mark.parametrize("size", ["tiny", "small"])
 def test_export_matches_timm(size, tmp_path, record_property):
     folders = check_size(size, tmp_path, record_property)
     cfg = fsfm_config(size)
@@ -124,7 +124,7 @@ def test_the_folder_carries_the_input_recipe_and_takes_a_new_head(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["large", "huge"])
+@pytest.mark.parametrize("size", ["base", "large", "huge"])
 def test_export_matches_timm_large_sizes(size, tmp_path, record_property):
     check_size(size, tmp_path, record_property)
 
