@@ -1,10 +1,11 @@
 """Run by test_zero3_hlo.py in a fresh process with 8 simulated CPU devices: compiles the ViT-S
 train step (64 px, global batch 32) for the meshes and accumulation steps given as arguments
 (``data,fsdp,accum`` ...) and prints one JSON line per case with the collectives of the
-compiled program (:func:`fsvfm_jax.sharding.collectives`)."""
+compiled program (:func:`fsvfm_jax.sharding.collectives`). ``--depths E,R,D`` sets the number of
+encoder, rep-decoder and pixel-decoder blocks (ViT-S widths; default the full 12,2,8)."""
 
+import argparse
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,9 @@ from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_
 IMG, GLOBAL_BATCH = 64, 32
 
 
-def compiled_step(data, fsdp, accum):
-    cfg = fsfm_config("small", img_size=IMG)
+def compiled_step(data, fsdp, accum, depths=(12, 2, 8)):
+    depth, rep_depth, dec_depth = depths
+    cfg = fsfm_config("small", img_size=IMG, depth=depth, rep_decoder_depth=rep_depth, decoder_depth=dec_depth)
     opt = make_optimizer(1e-3)
     mesh = sharding.make_mesh(data, fsdp)
     abstract = jax.eval_shape(lambda: init_state(*init_params(cfg, jax.random.key(0)), opt))
@@ -40,10 +42,14 @@ def compiled_step(data, fsdp, accum):
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cases", nargs="+", help="data,fsdp,accum")
+    parser.add_argument("--depths", default="12,2,8")
+    args = parser.parse_args()
     assert jax.device_count() == 8, jax.devices()
-    for case in sys.argv[1:]:
+    for case in args.cases:
         data, fsdp, accum = map(int, case.split(","))
-        compiled, param_sizes = compiled_step(data, fsdp, accum)
+        compiled, param_sizes = compiled_step(data, fsdp, accum, tuple(map(int, args.depths.split(","))))
         found = [dict(op=c.op, shapes=c.shapes, in_loop=c.in_loop) for c in sharding.collectives(compiled.as_text())]
         print(json.dumps(dict(mesh=[data, fsdp], accum=accum, collectives=found, param_sizes=param_sizes)), flush=True)
 
