@@ -3,8 +3,8 @@
 ``WORKDIR/checkpoints/<step>/`` holds two items: ``state`` (``{step, params, target, opt,
 nonfinite}``) and, when the pipeline is a Grain iterator, ``data`` (its position), so a resumed run
 sees the same next batches. Restores take target shardings, so a checkpoint restores onto another
-mesh. Paths are ``etils.epath`` paths and are never resolved, so ``gs://bucket/run`` stays a bucket
-path. Which steps exist is Orbax's answer (``all_steps``), never a directory listing: a save that
+mesh. Paths are ``etils.epath`` paths (:func:`workdir_path`): a local one is made absolute, as
+Orbax requires, and a URI is never resolved, so ``gs://bucket/run`` stays a bucket path. Which steps exist is Orbax's answer (``all_steps``), never a directory listing: a save that
 was interrupted leaves a temporary directory that Orbax neither lists nor restores. See
 docs/pod.md, "Checkpoints and preemption".
 """
@@ -26,6 +26,13 @@ CHECKPOINTS = "checkpoints"
 IMPORT_RECORD = "imported_from.json"
 
 
+def workdir_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path`` that Orbax accepts: a local path made absolute against the
+    current directory (symlinks kept), a URI (``gs://...``) as given."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def make_manager(workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = False) -> ocp.CheckpointManager:
     """The manager of ``WORKDIR/checkpoints``. Training passes ``async_save=True`` (the write runs
     in a background thread after the arrays are copied to the host); one-off writers keep the
@@ -33,13 +40,13 @@ def make_manager(workdir: str | os.PathLike, *, keep: int = 3, async_save: bool 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()}
-    return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS, options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(workdir_path(workdir) / CHECKPOINTS, options=options, item_handlers=handlers)
 
 
 def finished_steps(directory: str | os.PathLike) -> list[int]:
     """The finished checkpoints in a checkpoints directory (``WORKDIR/checkpoints``), oldest first;
     empty when there are none. Interrupted saves (Orbax temporary directories) are not listed."""
-    return sorted(ocp.step.checkpoint_steps(epath.Path(directory)))
+    return sorted(ocp.step.checkpoint_steps(workdir_path(directory)))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:

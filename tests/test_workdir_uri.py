@@ -136,3 +136,20 @@ def test_pretraining_in_a_bucket_workdir_writes_there_and_resumes(bucket, faces,
     workdir, step_dir, step = train_state.resolve_checkpoint(WORKDIR)
     assert asked == ["gs://bucket/run/checkpoints"]
     assert (os.fspath(workdir), os.fspath(step_dir), step) == (WORKDIR, f"gs://bucket/run/checkpoints/{steps}", steps)
+
+
+def test_a_relative_local_workdir_is_made_absolute_for_orbax(tmp_path, monkeypatch):
+    """``--workdir runs/demo`` (the README's demo): Orbax refuses relative paths, so local paths
+    are made absolute (against the current directory, symlinks kept); URIs stay as given."""
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(checkpoint.workdir_path("runs/demo")) == os.path.join(str(tmp_path), "runs", "demo")
+    assert os.fspath(checkpoint.workdir_path(WORKDIR)) == WORKDIR
+    manager = checkpoint.make_manager("runs/demo", async_save=True)
+    try:
+        checkpoint.save(manager, 1, {"w": jax.numpy.arange(3.0)})
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    assert checkpoint.finished_steps("runs/demo/checkpoints") == [1]
+    _, step_dir, step = train_state.resolve_checkpoint("runs/demo")
+    assert step == 1 and os.fspath(step_dir) == str(tmp_path / "runs" / "demo" / "checkpoints" / "1")

@@ -47,7 +47,7 @@ class TrainStateOnHost:
 def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path | None, epath.Path, int]:
     """``WORKDIR``, ``WORKDIR/checkpoints`` or ``WORKDIR/checkpoints/<step>`` -> (workdir, step dir,
     step), among the checkpoints Orbax lists as finished (an interrupted save is never read)."""
-    path = epath.Path(path)
+    path = checkpoint.workdir_path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or workdir")
     if path.name.isdigit() and (path / STATE_ITEM).is_dir():
@@ -129,7 +129,7 @@ def write_train_state(workdir: str | os.PathLike, online, target, cfg: FSFMConfi
     from fsvfm_jax.optim import at_step, make_optimizer
     from fsvfm_jax.train.step import init_state
 
-    workdir = epath.Path(workdir)
+    workdir = checkpoint.workdir_path(workdir)
     if checkpoint.finished_steps(workdir / checkpoint.CHECKPOINTS):
         raise FileExistsError(f"{workdir} already holds checkpoints; choose a new workdir")
     if config is None:

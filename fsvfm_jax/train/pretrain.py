@@ -173,7 +173,7 @@ class _Preemption:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, resume: bool | None = None) -> dict:
     """Run pretraining, resuming from the workdir's latest checkpoint when it holds one
     (``resume=True`` requires one, ``False`` refuses one); returns the last logged metrics."""
-    workdir = epath.Path(workdir)
+    workdir = checkpoint.workdir_path(workdir)
     records = pretraining_records(config)
     manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     preemption = _Preemption(manager)
