@@ -305,6 +305,8 @@ def _run(config, workdir: epath.Path, records, manager, resume_step: int | None,
                 if bad.size:
                     raise ValueError(f"step {step}: masks of batch rows {bad[:5].tolist()} do not mask exactly {n_masked} patches")
                 batch = sharding.global_batch(local, mesh)
+            if step == profile.first:  # no async checkpoint write runs during a trace (see below)
+                manager.wait_until_finished()
             profile.before(step)
             state, metrics = train_step(state, batch)
             profile.after(step, metrics)
@@ -329,6 +331,8 @@ def _run(config, workdir: epath.Path, records, manager, resume_step: int | None,
             if preempted or step % config.checkpoint.save_interval_steps == 0 or step == last_step:
                 with clock.paused():
                     checkpoint.save(manager, step, state, iterator)
+                    if profile.active:  # a trace with Orbax's background writer running crashed once (SIGSEGV)
+                        manager.wait_until_finished()
                 log.info("saving checkpoint %d%s", step, " (preemption)" if preempted else "")
             if preempted:
                 log.warning("preempted: stopping after the checkpoint of step %d; a plain restart resumes", step)
