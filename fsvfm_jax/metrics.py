@@ -143,11 +143,17 @@ def at_threshold(labels, scores, threshold: float, *, attacks: Sequence[str] | N
     return out
 
 
+def _species_array(attacks: Sequence[str], labels: np.ndarray, where: str) -> np.ndarray:
+    """``attacks [N]`` as an object array of str (``None`` -> ``""``), one per row of ``labels``."""
+    species = np.asarray(["" if a is None else str(a) for a in attacks], dtype=object)
+    if species.shape != np.shape(labels):
+        raise ValueError(f"{where}: {species.size} attack species for {np.size(labels)} samples")
+    return species
+
+
 def _attack_species(labels: np.ndarray, attacks: Sequence[str], where: str) -> np.ndarray:
     """``attacks [N]`` as a str array with ``""`` on real rows; every attack row must name its species."""
-    species = np.asarray(["" if a is None else str(a) for a in attacks], dtype=object)
-    if species.shape != labels.shape:
-        raise ValueError(f"{where}: {species.size} attack species for {labels.size} samples")
+    species = _species_array(attacks, labels, where)
     species[labels == REAL] = ""
     missing = np.flatnonzero((labels != REAL) & (species == ""))
     if missing.size:
@@ -193,9 +199,7 @@ def video_level(labels, scores, videos: Sequence[str], *, attacks: Sequence[str]
     order = np.argsort(first, kind="stable")
     if attacks is None:
         return labels[first[order]], mean[order], ids[order]
-    attacks = np.asarray(["" if a is None else str(a) for a in attacks], dtype=object)
-    if attacks.shape != labels.shape:
-        raise ValueError(f"{where}: {attacks.size} attack species for {labels.size} frames")
+    attacks = _species_array(attacks, labels, where)
     differs = np.flatnonzero(attacks != attacks[first[inverse]])
     if differs.size:
         raise ValueError(f"{where}: video {str(videos[differs[0]])!r} has frames of different attack species")
