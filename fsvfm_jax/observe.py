@@ -11,10 +11,10 @@ import logging
 import os
 import resource
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
+from etils import epath
 
 log = logging.getLogger("fsvfm_jax.observe")
 
@@ -202,13 +202,13 @@ class ProfileWindow:
         if len(steps) > 2 or (steps and (steps[0] < 1 or steps[-1] < steps[0])):
             raise ValueError(f"profile_steps must be 'a' or 'a,b' with 1 <= a <= b, got {steps}")
         self.first, self.last = (steps[0], steps[-1]) if steps else (None, None)
-        self.trace_dir = Path(trace_dir)
+        self.trace_dir = epath.Path(trace_dir)  # a gs:// workdir stays a URI
         self.active = False
 
     def before(self, step: int) -> None:
         if step == self.first:
             self.trace_dir.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.trace_dir))
+            jax.profiler.start_trace(os.fspath(self.trace_dir))
             self.active = True
 
     def after(self, step: int, outputs) -> None:

@@ -4,6 +4,7 @@ compilation cache, and event files read back with an independent TFRecord reader
 
 import json
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -190,3 +191,8 @@ def test_metric_writer_disabled_writes_nothing(tmp_path):
 def test_tensorboard_tags():
     assert [tensorboard_tag(k) for k in ("loss_cl", "mfu", "eta_s", "device_memory_peak_gib", "host_rss_peak_gib")] == [
         "train/loss_cl", "perf/mfu", "perf/eta_s", "memory/device_memory_peak_gib", "memory/host_rss_peak_gib"]
+
+
+def test_profile_window_keeps_a_bucket_workdir_a_uri():
+    """pathlib would turn ``gs://bucket/run`` into ``gs:/bucket/run``; the trace goes where the run writes."""
+    assert os.fspath(observe.ProfileWindow((2, 3), "gs://bucket/run").trace_dir) == "gs://bucket/run"
