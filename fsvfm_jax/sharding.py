@@ -77,6 +77,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def compiler_options(mesh: Mesh) -> dict:
+    """XLA options for a train step on ``mesh``. On CPU, XLA drops the optimisation barriers that
+    ``jax.checkpoint`` places around recomputed values before its common-subexpression pass, which
+    then merges the recomputation back into the forward pass: every remat policy of an unrolled
+    model silently kept every activation (same temporaries as no remat). Keeping the barriers makes
+    the policies hold (docs/performance.md). TPU and GPU compilers keep them already."""
+    if mesh.devices.flat[0].platform == "cpu":
+        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    return {}
+
+
 def leaf_spec(shape, fsdp_size: int, fsdp_min_size: int) -> P:
     if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < fsdp_min_size:
         return P()

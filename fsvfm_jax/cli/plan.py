@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-REMAT_COST = ("none", "dots_saveable", "full")  # cheapest recompute first
+REMAT_COST = ("none", "dots_saveable", "dense_saveable", "full")  # cheapest recompute first
 
 
 @dataclasses.dataclass
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=int, help="simulated CPU devices (the target device count)")
     p.add_argument("--topology", help='a TPU topology to compile for, e.g. "v5e:8x8" (needs a TPU-enabled jaxlib)')
     p.add_argument("--fsdp", type=_int_list, help="fsdp sizes to try (default: 1 and every power of 2 dividing the devices)")
-    p.add_argument("--remat", default="none,dots_saveable,full", help="remat policies to try")
+    p.add_argument("--remat", default="none,dots_saveable,dense_saveable,full", help="remat policies to try")
     p.add_argument("--global-batch", type=int, help="override global_batch_size")
     p.add_argument("--per-device-batch", type=int, help="override per_device_batch")
     p.add_argument("--img-size", type=int, help="override model.img_size")

@@ -233,22 +233,29 @@ def _torch_default_conv_bias(fan_in: int):
     return init
 
 
-
-
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dense_saveable")
+_CHECKPOINT_POLICIES = {
+    "full": None,  # save nothing: only the block input
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # the dense layers' outputs (qkv, proj, fc1, fc2), not the attention products
+    "dense_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def remat_block(remat):
     """``Block`` under a rematerialisation policy: ``"none"`` keeps every activation for the
     backward pass; ``"full"`` keeps only block inputs and recomputes the rest; ``"dots_saveable"``
-    keeps matmul outputs and recomputes the cheap elementwise ops. ``True``/``False`` mean
-    ``"full"``/``"none"``."""
+    keeps matmul outputs and recomputes the cheap elementwise ops; ``"dense_saveable"`` keeps the
+    dense layers' outputs and recomputes the attention products, softmax, norms and GELU (the
+    ``[B*H, N, N]`` attention probabilities are the largest saved activations).
+    ``True``/``False`` mean ``"full"``/``"none"``. On CPU the policies hold only when compiled
+    with :func:`fsvfm_jax.sharding.compiler_options`."""
     remat = {True: "full", False: "none"}.get(remat, remat)
     if remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {remat!r}")
     if remat == "none":
         return Block
-    return nn.remat(Block, policy=jax.checkpoint_policies.dots_saveable if remat == "dots_saveable" else None)
+    return nn.remat(Block, policy=_CHECKPOINT_POLICIES[remat])
 
 
 class ScanBody(nn.Module):

@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 
 from fsvfm_jax import checkpoint, hostmem, observe, sharding
-from fsvfm_jax.config import accum_steps, compute_dtype, fsdp_size
+from fsvfm_jax.config import accum_steps, compute_dtype, fsdp_size, remat_policy
 from fsvfm_jax.data import stats
 from fsvfm_jax.data.pipeline import make_pretrain_dataset
 from fsvfm_jax.metric_writer import MetricWriter
@@ -47,9 +47,10 @@ class NonFiniteLossError(RuntimeError):
 def model_config(config: ml_collections.ConfigDict, platform: str | None = None):
     """The architecture and its run-time choices (activation dtype for ``platform``, remat)."""
     m = config.model
-    dtype = compute_dtype(m.dtype, platform or jax.default_backend())
+    platform = platform or jax.default_backend()
     return fsfm_config(m.size, img_size=m.img_size, rep_decoder_pos_embed=m.rep_decoder_pos_embed,
-                       dtype=jnp.dtype(dtype), remat=m.remat, scan_blocks=m.scan_blocks)
+                       dtype=jnp.dtype(compute_dtype(m.dtype, platform)), remat=remat_policy(m.remat, platform),
+                       scan_blocks=m.scan_blocks)
 
 
 def _resume_step(manager, workdir: epath.Path, config, resume: bool | None) -> int | None:

@@ -30,7 +30,7 @@ from fsvfm_jax.losses import pretrain_loss
 from fsvfm_jax.models.fsfm import FSFMConfig, FSFMOnline, FSFMTarget, params_for_apply
 from fsvfm_jax.models.vit import patchify
 from fsvfm_jax.optim import at_step, ema_update
-from fsvfm_jax.sharding import BATCH_AXES, batch_sharding, replicated
+from fsvfm_jax.sharding import BATCH_AXES, batch_sharding, compiler_options, replicated
 
 EMA_CADENCES = ("step", "micro", "frozen")
 
@@ -217,11 +217,13 @@ def make_train_step(loss_fn: Loss, optimizer: optax.GradientTransformation, *, l
 
 def jit_train_step(train_step, state_shardings, mesh):
     """Compile for a mesh: state placed by ``state_shardings``, batch split over the batch axes,
-    metrics replicated, and the input state donated (updated in place)."""
+    metrics replicated, the input state donated (updated in place), remat policies kept
+    (:func:`~fsvfm_jax.sharding.compiler_options`)."""
 
     def step_on_mesh(state, batch):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return train_step(state, batch)
 
     return jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0,
+                   compiler_options=compiler_options(mesh))

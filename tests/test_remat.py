@@ -1,0 +1,58 @@
+"""Rematerialisation policies on the compiled train step: less memory, the same numbers.
+
+XLA's CPU pipeline drops ``jax.checkpoint``'s optimisation barriers before common-subexpression
+elimination, which merges the recomputation back into the forward pass; without
+``sharding.compiler_options`` every policy below compiles to the temporaries of no remat."""
+
+import jax
+import numpy as np
+import pytest
+
+from fsvfm_jax import sharding
+from fsvfm_jax.config import pretrain_config, remat_policy
+from fsvfm_jax.models.fsfm import fsfm_config, init_params
+from fsvfm_jax.optim import make_optimizer
+from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
+
+POLICIES = ("none", "dots_saveable", "dense_saveable", "full")
+
+
+def _one_step(remat: str):
+    cfg = fsfm_config("tiny", img_size=64, remat=remat)
+    optimizer = make_optimizer(1e-3)
+    loss = make_loss_fn(cfg, mask_ratio=0.75, mean=[0.5] * 3, std=[0.25] * 3)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    init = lambda: init_state(*init_params(cfg, jax.random.key(0)), optimizer)
+    shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
+    step = jit_train_step(make_train_step(loss, optimizer, lr_fn=lambda s: 1e-3, momentum_fn=lambda s: 0.99,
+                                          mesh=mesh, state_shardings=shardings), shardings, mesh)
+    rng = np.random.default_rng(0)
+    mask = np.argsort(rng.random((32, 16)), axis=1) < 12
+    batch = dict(image=rng.integers(0, 256, (32, 64, 64, 3), dtype=np.uint8), img_mask=mask, fr_mask=mask)
+    compiled = step.lower(jax.eval_shape(init), batch).compile()
+    state, metrics = compiled(jax.jit(init, out_shardings=shardings)(), sharding.global_batch(batch, mesh))
+    return compiled.memory_analysis().temp_size_in_bytes, float(metrics["loss"]), state
+
+
+def test_remat_policies_cut_step_memory_and_keep_the_numbers():
+    """Temporaries of one compiled step (XLA's memory analysis), tiny model, batch 32 at 64 px:
+    measured none 20.4 MB, dots_saveable 13.2, dense_saveable 13.6, full 10.1. Loss and the
+    updated parameters equal no remat's to 1e-6 (the same float32 ops, recomputed)."""
+    results = {remat: _one_step(remat) for remat in POLICIES}
+    temp = {remat: r[0] for remat, r in results.items()}
+    assert temp["dense_saveable"] < 0.8 * temp["none"], temp
+    assert temp["dots_saveable"] < 0.8 * temp["none"], temp
+    assert temp["full"] < min(temp["dense_saveable"], temp["dots_saveable"]), temp
+    _, loss_ref, state_ref = results["none"]
+    for remat, (_, loss, state) in results.items():
+        assert loss == pytest.approx(loss_ref, abs=1e-6), remat
+        for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state_ref["params"])):
+            np.testing.assert_allclose(got, want, atol=1e-6, err_msg=remat)
+
+
+def test_auto_remat_is_dense_saveable_on_cpu_and_none_on_accelerators():
+    assert pretrain_config("small").model.remat == "auto"
+    assert remat_policy("auto", "cpu") == "dense_saveable"
+    assert remat_policy("auto", "tpu") == remat_policy("auto", "gpu") == "none"
+    assert remat_policy("full", "cpu") == "full"
+
