@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIZE_NAMES = {"tiny": "T", "small": "S", "base": "B", "large": "L", "huge": "H"}
 
 
 def synthetic_batch(batch: int, img_size: int, patch_size: int, seed: int = 0):
@@ -186,6 +187,7 @@ def ours_child(args) -> dict:
     from fsvfm_jax.config import pretrain_config
     from fsvfm_jax.models.fsfm import init_params
     from fsvfm_jax.optim import make_optimizer
+    from fsvfm_jax.scaling import train_flops_per_image
     from fsvfm_jax.train.pretrain import model_config
     from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
 
@@ -211,7 +213,8 @@ def ours_child(args) -> dict:
         holder[0], metrics = compiled(holder[0], batch)
         return float(metrics["loss"])
 
-    return dict(_time_steps(step, args), compile_s=round(compile_s, 1), remat=cfg.remat)
+    return dict(_time_steps(step, args), compile_s=round(compile_s, 1), remat=cfg.remat,
+                model_flops=args.batch * train_flops_per_image(cfg, mask_ratio=0.75))
 
 
 def _time_steps(step, args) -> dict:
@@ -291,12 +294,14 @@ def main() -> None:
                 r = runs[side][-1]
                 print(f"  {side:9s} {size}/{batch}: {r['step_s']:.2f} s/step {r['step_times']}, "
                       f"peak RSS {r['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
-        row = dict(size=size, batch=batch, threads=args.threads, steps=args.steps, rounds=args.rounds)
+        model_flops = runs["ours"][-1]["model_flops"]
+        row = dict(size=size, batch=batch, threads=args.threads, steps=args.steps, rounds=args.rounds,
+                   model_gflop_per_step=round(model_flops / 1e9, 1))
         for side, side_runs in runs.items():
             step_s = float(np.median([r["step_s"] for r in side_runs]))
             row[side] = dict(step_s=round(step_s, 3), images_per_s=round(batch / step_s, 3),
                              peak_rss_gb=round(max(r["peak_rss_gb"] for r in side_runs), 2),
-                             loss=side_runs[-1]["loss"])
+                             loss=side_runs[-1]["loss"], model_gflops=round(model_flops / step_s / 1e9, 1))
         row["ours"].update(compile_s=runs["ours"][-1]["compile_s"], remat=runs["ours"][-1]["remat"])
         row["speed_ratio"] = round(row["ours"]["images_per_s"] / row["published"]["images_per_s"], 2)
         row["rss_ratio"] = round(row["ours"]["peak_rss_gb"] / row["published"]["peak_rss_gb"], 2)
@@ -308,8 +313,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in results:
         p, o = r["published"], r["ours"]
-        print(f"| {r['size']}/16, {r['batch']} | {p['images_per_s']:.2f} | {o['images_per_s']:.2f} | "
+        print(f"| {SIZE_NAMES[r['size']]}/16, {r['batch']} | {p['images_per_s']:.2f} | {o['images_per_s']:.2f} | "
               f"**{r['speed_ratio']:.2f}x** | {p['peak_rss_gb']:.2f} GB | {o['peak_rss_gb']:.2f} GB |")
+    print("\nmodel FLOPs per step (matrix products, counted as in fsvfm_jax.scaling; not the remat "
+          "recomputation) and the rate each side reaches")
+    print("| model, batch | GFLOP/step | published GFLOP/s | ours GFLOP/s |")
+    print("|---|---|---|---|")
+    for r in results:
+        print(f"| {SIZE_NAMES[r['size']]}/16, {r['batch']} | {r['model_gflop_per_step']:.0f} | "
+              f"{r['published']['model_gflops']:.0f} | {r['ours']['model_gflops']:.0f} |")
     for r in results:
         print(json.dumps(dict(benchmark="published_step", **r)))
 
