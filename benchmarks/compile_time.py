@@ -4,10 +4,10 @@
 
 Lowers and compiles the full train step (online + target networks, AdamW, EMA) on abstract inputs
 for one CPU device with ``scan_blocks=False`` and ``True``, each in a fresh process (a second
-compile in the same process measured 1.7x slower than the first), and prints both times (trace and
-lower, XLA compile) and the ratio unrolled / scan as one JSON line. Compile time grows with depth when unrolled (ViT-L: 24
-encoder + 8 decoder + 2 rep-decoder blocks, each traced and optimised once per use) and stays
-about one block's worth with scan.
+compile in the same process measured 1.7x slower than the first), and prints both times (trace
+and lower, XLA compile) and the ratio unrolled / scan as one JSON line. Compile time grows with
+depth when unrolled (ViT-L: 24 encoder + 8 decoder + 2 rep-decoder blocks, each traced and
+optimised once per use) and stays about one block's worth with scan.
 """
 
 import argparse

@@ -4,9 +4,10 @@
 nonfinite}``) and, when the pipeline is a Grain iterator, ``data`` (its position), so a resumed run
 sees the same next batches. Restores take target shardings, so a checkpoint restores onto another
 mesh. Paths are ``etils.epath`` paths (:func:`workdir_path`): a local one is made absolute, as
-Orbax requires, and a URI is never resolved, so ``gs://bucket/run`` stays a bucket path. Which steps exist is Orbax's answer (``all_steps``), never a directory listing: a save that
-was interrupted leaves a temporary directory that Orbax neither lists nor restores. See
-docs/pod.md, "Checkpoints and preemption".
+Orbax requires, and a URI is never resolved, so ``gs://bucket/run`` stays a bucket path. Which
+steps exist is Orbax's answer (``all_steps``), never a directory listing: a save that was
+interrupted leaves a temporary directory that Orbax neither lists nor restores. See docs/pod.md,
+"Checkpoints and preemption".
 """
 
 from __future__ import annotations

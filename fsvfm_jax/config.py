@@ -222,7 +222,7 @@ def compute_dtype(name: str, platform: str) -> str:
     return name
 
 
-def remat_policy(name, platform: str):
+def remat_policy(name: str, platform: str) -> str:
     """``model.remat`` for a backend. ``"auto"`` is ``"dense_saveable"`` on CPU: it measured
     as fast as no remat or faster, with 20-40% less peak memory (docs/performance.md);
     on GPU/TPU it is ``"none"``, the policy with no recomputation (not measured against the

@@ -233,13 +233,13 @@ def _torch_default_conv_bias(fan_in: int):
     return init
 
 
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dense_saveable")
 _CHECKPOINT_POLICIES = {
     "full": None,  # save nothing: only the block input
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     # the dense layers' outputs (qkv, proj, fc1, fc2), not the attention products
     "dense_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+REMAT_POLICIES = ("none", *_CHECKPOINT_POLICIES)
 
 
 def remat_block(remat):
