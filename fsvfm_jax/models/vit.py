@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from fsvfm_jax.sharding import constrain_batch, gather_for_use
 
@@ -84,10 +85,48 @@ def _kernel_for_use(module: nn.Module, init, shape) -> jnp.ndarray:
     return gather_for_use(kernel, shape)
 
 
+def _product(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def _cpu_dense_product(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    return _product(x, kernel)
+
+
+def _cpu_dense_product_fwd(x, kernel):
+    return _product(x, kernel), (x, kernel)
+
+
+def _cpu_dense_product_bwd(residuals, grad):
+    x, kernel = residuals
+    grad_x = jax.lax.dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
+    # The barrier keeps x^T a real array, so the product is a plain row-major one.
+    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    return grad_x, x_t @ grad.reshape(-1, grad.shape[-1])
+
+
+_cpu_dense_product.defvjp(_cpu_dense_product_fwd, _cpu_dense_product_bwd)
+
+
+def dense_product(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """``x @ kernel`` over the last axis of ``x``, as a dense layer computes it.
+
+    On CPU the kernel's gradient ``x^T @ grad`` (a product over all tokens) is taken from an
+    explicit transpose of ``x``. Left to itself, XLA's CPU backend transposes ``grad`` and runs a
+    transposed product that reaches 121-135 GFLOP/s on the MLP shapes of an S/16 step, against
+    149-172 for this form (docs/performance.md). Other backends get the plain product.
+    """
+    if jax.default_backend() == "cpu":
+        return _cpu_dense_product(x, kernel)
+    return _product(x, kernel)
+
+
 class Dense(nn.Module):
     """``nn.Dense`` (same names, init order and numerics) whose kernel is gathered where it is
     used, so an fsdp-sharded kernel costs one all-gather here and one reduce-scatter of its
-    gradient (ZeRO-3, docs/pod.md)."""
+    gradient (ZeRO-3, docs/pod.md). The product's output is named ``"dense"`` for the remat
+    policies (:func:`remat_block`)."""
 
     features: int
     dtype: Dtype = jnp.float32
@@ -100,8 +139,7 @@ class Dense(nn.Module):
         kernel = _kernel_for_use(self, self.kernel_init, shape)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        return y + bias
+        return checkpoint_name(dense_product(x, kernel), "dense") + bias
 
 
 class Attention(nn.Module):
@@ -242,9 +280,12 @@ def _torch_default_conv_bias(fan_in: int):
 
 _CHECKPOINT_POLICIES = {
     "full": None,  # save nothing: only the block input
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # every product: the attention products and the dense layers' (named, since on CPU their
+    # custom gradient hides the product from the dots policy)
+    "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.save_only_these_names("dense")),
     # the dense layers' outputs (qkv, proj, fc1, fc2), not the attention products
-    "dense_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dense_saveable": jax.checkpoint_policies.save_only_these_names("dense"),
 }
 REMAT_POLICIES = ("none", *_CHECKPOINT_POLICIES)
 
