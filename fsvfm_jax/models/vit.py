@@ -146,7 +146,8 @@ class Attention(nn.Module):
     """Multi-head self-attention with one packed ``qkv`` projection (rows q | k | v, heads
     contiguous inside each), as timm's ``Attention``: softmax of ``q k^T * scale`` times ``v``.
 
-    Written for XLA's CPU backend, same function (docs/performance.md, "attention"):
+    Written for XLA's CPU backend, same function (docs/performance.md, "Attention and weight
+    gradients for XLA's CPU backend"):
     - heads move next to the batch once (``[B*H, N, hd]``), so both products are dots with a
       single batch dimension;
     - q, k and v leave the packed projection through ``lax.split``, whose transpose is one
