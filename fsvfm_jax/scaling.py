@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsvfm_jax import observe, sharding
+from fsvfm_jax.config import remat_policy
 from fsvfm_jax.models.fsfm import FSFMConfig, fsfm_config, init_params
 from fsvfm_jax.optim import make_optimizer
 from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
@@ -92,6 +93,7 @@ class Measurement:
     size: str
     img_size: int
     dtype: str
+    remat: str  # the resolved policy the step ran under (``auto`` already resolved for the backend)
     per_device_batch: int
     devices: int
     device_kind: str
@@ -110,11 +112,15 @@ class Measurement:
 
 
 def measure(size: str, *, per_device_batch: int, img_size: int = 224, dtype: str = "float32",
-            steps: int = 3, mask_ratio: float = 0.75, matmul_precision: str = "default") -> Measurement:
+            steps: int = 3, mask_ratio: float = 0.75, matmul_precision: str = "default",
+            remat: str = "auto") -> Measurement:
     """Compile the full train step (AdamW, EMA) data-parallel over every device, run one warm-up and
     ``steps`` timed steps on random uint8 images and masks, and report the median. ``matmul_precision``
-    (as ``config.model.matmul_precision``) applies to the compiled step and picks the MFU peak."""
-    cfg = fsfm_config(size, img_size=img_size, dtype=jnp.dtype(dtype))
+    (as ``config.model.matmul_precision``) applies to the compiled step and picks the MFU peak.
+    ``remat`` (as ``config.model.remat``) is resolved for the backend as pretraining resolves it;
+    XLA's FLOP count then includes the recomputation the policy adds."""
+    remat = remat_policy(remat, jax.default_backend())
+    cfg = fsfm_config(size, img_size=img_size, dtype=jnp.dtype(dtype), remat=remat)
     mesh = sharding.make_mesh()
     batch = per_device_batch * mesh.size
     opt = make_optimizer(1e-4)
@@ -149,7 +155,7 @@ def measure(size: str, *, per_device_batch: int, img_size: int = 224, dtype: str
     analysis = compiled.memory_analysis()
     params = parameter_counts(cfg)
     return Measurement(
-        size=size, img_size=img_size, dtype=dtype, per_device_batch=per_device_batch, devices=mesh.size,
+        size=size, img_size=img_size, dtype=dtype, remat=remat, per_device_batch=per_device_batch, devices=mesh.size,
         device_kind=device_kind, params_online=params["online"], params_encoder=params["encoder"],
         gflops_per_image_analytic=train_flops_per_image(cfg, mask_ratio) / 1e9,
         gflops_per_image_xla=flops * mesh.size / batch / 1e9 if flops else None,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fsvfm_jax import observe, scaling
+from fsvfm_jax.cli import scaling as scaling_cli
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
 from fsvfm_jax.optim import make_optimizer
 from fsvfm_jax.train.step import init_state, make_loss_fn, make_train_step
@@ -107,6 +108,17 @@ def test_size_plot(tmp_path):
     assert image is not None and image.shape[1] > 600
 
 
+def test_child_process_gets_every_measurement_option():
+    """The per-size child parses back the options the parent was given, --remat among them."""
+    args = scaling_cli.parse_args(["--sizes", "tiny", "--img-size", "64", "--per-device-batch", "4", "--steps", "1",
+                                   "--dtype", "bfloat16", "--matmul-precision", "highest", "--remat", "none",
+                                   "--mask-ratio", "0.5", "--out", "out"])
+    child = scaling_cli.parse_args(scaling_cli.child_command("tiny", args)[3:])
+    assert child.measure_one == "tiny" and child.remat == "none"
+    for option in ("out", "per_device_batch", "img_size", "dtype", "matmul_precision", "remat", "mask_ratio", "steps"):
+        assert getattr(child, option) == getattr(args, option), option
+
+
 @pytest.mark.slow
 def test_command_line_measures_and_plots(tmp_path):
     write_run(tmp_path / "run_a", "tiny", 16, [(1, 1.2), (2, 1.1)], img_size=64)
@@ -120,6 +132,7 @@ def test_command_line_measures_and_plots(tmp_path):
     # tiny at 4 images: AdamW and EMA per image, norms and softmax add ~19% to the matrix products
     assert row["gflops_per_image_analytic"] < row["gflops_per_image_xla"] < 1.3 * row["gflops_per_image_analytic"]
     assert row["images_per_s"] == pytest.approx(4 / row["step_s"]) and row["host_rss_peak_gib"] > 0.1
+    assert row["remat"] == "dense_saveable"  # --remat auto, resolved for CPU as pretraining resolves it
     assert (tmp_path / "out" / "sizes.png").exists() and (tmp_path / "out" / "loss_curves.png").exists()
     bad = subprocess.run([*cmd[:2], "--sizes", "tiny", "--img-size", "50", "--out", str(tmp_path / "bad")],
                          capture_output=True, text=True, env=env, timeout=600)

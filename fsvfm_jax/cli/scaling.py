@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fsvfm_jax import observe, scaling
 from fsvfm_jax.models.fsfm import fsfm_config
+from fsvfm_jax.models.vit import REMAT_POLICIES
 
 
 def parse_args(argv=None):
@@ -34,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="activation dtype")
     p.add_argument("--matmul-precision", default="default", choices=observe.MATMUL_PRECISIONS,
                    help="float32 matmul precision, as config.model.matmul_precision (also picks the MFU peak)")
+    p.add_argument("--remat", default="auto", choices=("auto", *REMAT_POLICIES),
+                   help="remat policy, as config.model.remat (auto: the pretraining default for the backend)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--steps", type=int, default=3, help="timed steps per size (after one warm-up)")
     p.add_argument("--analytic-only", action="store_true", help="parameters and analytic FLOPs; compile nothing")
@@ -56,13 +59,17 @@ def parse_args(argv=None):
     return args
 
 
+def child_command(size: str, args) -> list[str]:
+    """The per-size child process's command line: every option that shapes the measurement."""
+    return [sys.executable, "-m", "fsvfm_jax.cli.scaling", "--measure-one", size, "--out", args.out,
+            "--per-device-batch", str(args.per_device_batch), "--img-size", str(args.img_size),
+            "--dtype", args.dtype, "--matmul-precision", args.matmul_precision, "--remat", args.remat,
+            "--mask-ratio", str(args.mask_ratio), "--steps", str(args.steps)]
+
+
 def measure_in_child(size: str, args) -> dict:
     """One size in a fresh Python process: its own peak memory, and an OOM stays contained."""
-    cmd = [sys.executable, "-m", "fsvfm_jax.cli.scaling", "--measure-one", size, "--out", args.out,
-           "--per-device-batch", str(args.per_device_batch), "--img-size", str(args.img_size),
-           "--dtype", args.dtype, "--matmul-precision", args.matmul_precision,
-           "--mask-ratio", str(args.mask_ratio), "--steps", str(args.steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(child_command(size, args), capture_output=True, text=True)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
         return dict(size=size, error=tail)
@@ -82,7 +89,7 @@ def main(argv=None) -> int:
     if args.measure_one:
         m = scaling.measure(args.measure_one, per_device_batch=args.per_device_batch, img_size=args.img_size,
                             dtype=args.dtype, steps=args.steps, mask_ratio=args.mask_ratio,
-                            matmul_precision=args.matmul_precision)
+                            matmul_precision=args.matmul_precision, remat=args.remat)
         print(json.dumps(dataclasses.asdict(m)))
         return 0
     out = Path(args.out)
