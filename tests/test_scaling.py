@@ -129,7 +129,8 @@ def test_command_line_measures_and_plots(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "scaling.json").read_text())
     row = summary["sizes"][0]
-    # tiny at 4 images: AdamW and EMA per image, norms and softmax add ~19% to the matrix products
+    # tiny at 4 images: AdamW and EMA per image, norms and softmax add ~10-11% to the matrix
+    # products (measured under dense_saveable and under none)
     assert row["gflops_per_image_analytic"] < row["gflops_per_image_xla"] < 1.3 * row["gflops_per_image_analytic"]
     assert row["images_per_s"] == pytest.approx(4 / row["step_s"]) and row["host_rss_peak_gib"] > 0.1
     assert row["remat"] == "dense_saveable"  # --remat auto, resolved for CPU as pretraining resolves it
