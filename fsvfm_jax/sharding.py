@@ -14,7 +14,9 @@ autodiff reduce-scatters its gradient; activations never leave their device.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shlex
 
 import jax
 import numpy as np
@@ -82,10 +84,23 @@ def compiler_options(mesh: Mesh) -> dict:
     ``jax.checkpoint`` places around recomputed values before its common-subexpression pass, which
     then merges the recomputation back into the forward pass: every remat policy of an unrolled
     model silently kept every activation (same temporaries as no remat). Keeping the barriers makes
-    the policies hold (docs/performance.md). TPU and GPU compilers keep them already."""
-    if mesh.devices.flat[0].platform == "cpu":
-        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
-    return {}
+    the policies hold (docs/performance.md). TPU and GPU compilers keep them already.
+
+    A per-compile option replaces the flag from ``XLA_FLAGS``, so passes the user disabled there
+    (``--xla_disable_hlo_passes=...``) are carried over."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return {}
+    passes = [p for p in _xla_flag("xla_disable_hlo_passes").split(",") if p]
+    return {"xla_disable_hlo_passes": ",".join(dict.fromkeys([*passes, "cse_barrier_expander"]))}
+
+
+def _xla_flag(name: str) -> str:
+    """The value of ``--name=...`` in ``XLA_FLAGS`` ("" if absent); the last one wins, as in XLA."""
+    value = ""
+    for token in shlex.split(os.environ.get("XLA_FLAGS", "")):
+        if token.startswith(f"--{name}="):
+            value = token.split("=", 1)[1]
+    return value
 
 
 def leaf_spec(shape, fsdp_size: int, fsdp_min_size: int) -> P:

@@ -56,3 +56,16 @@ def test_auto_remat_is_dense_saveable_on_cpu_and_none_on_accelerators():
     assert remat_policy("auto", "tpu") == remat_policy("auto", "gpu") == "none"
     assert remat_policy("full", "cpu") == "full"
 
+
+
+def test_cpu_compile_option_keeps_the_passes_the_user_disabled(monkeypatch):
+    """The per-compile option replaces ``--xla_disable_hlo_passes`` from ``XLA_FLAGS``; the user's
+    passes must survive it (the last occurrence wins, as in XLA's flag parser)."""
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert sharding.compiler_options(mesh) == {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=a --xla_cpu_use_thunk_runtime=true "
+                                    "--xla_disable_hlo_passes=fusion,cse_barrier_expander")
+    assert sharding.compiler_options(mesh) == {"xla_disable_hlo_passes": "fusion,cse_barrier_expander"}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_disable_hlo_passes=rematerialization")
+    assert sharding.compiler_options(mesh) == {"xla_disable_hlo_passes": "rematerialization,cse_barrier_expander"}
