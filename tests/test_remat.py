@@ -67,5 +67,6 @@ def test_cpu_compile_option_keeps_the_passes_the_user_disabled(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=a --xla_cpu_use_thunk_runtime=true "
                                     "--xla_disable_hlo_passes=fusion,cse_barrier_expander")
     assert sharding.compiler_options(mesh) == {"xla_disable_hlo_passes": "fusion,cse_barrier_expander"}
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_disable_hlo_passes=rematerialization")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                    "--xla_disable_hlo_passes=rematerialization")
     assert sharding.compiler_options(mesh) == {"xla_disable_hlo_passes": "rematerialization,cse_barrier_expander"}

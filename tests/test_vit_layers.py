@@ -60,7 +60,8 @@ def test_attention_gradient_matches_finite_differences_of_the_reference():
         plus, minus = x64.copy(), x64.copy()
         plus[idx] += eps
         minus[idx] -= eps
-        numeric[idx] = np.sum((_attention_reference(plus, p64, 4) - _attention_reference(minus, p64, 4)) * c) / (2 * eps)
+        change = _attention_reference(plus, p64, 4) - _attention_reference(minus, p64, 4)
+        numeric[idx] = np.sum(change * c) / (2 * eps)
     np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
 
 
