@@ -15,6 +15,7 @@ from fsvfm_jax import sharding
 from fsvfm_jax.models.classifier import ClassifierConfig, init_classifier, split_trainable
 from fsvfm_jax.optim import make_finetune_optimizer
 from fsvfm_jax.train import finetune_step as fs
+from fsvfm_jax.train.step import jit_train_step
 
 IMG = 32
 
@@ -39,7 +40,7 @@ def run(mesh, head):
         state = jax.device_put(_initial[head], shardings)
     else:
         state = jax.jit(make_state, out_shardings=shardings)()
-    step = fs.jit_train_step(step_fn, shardings, mesh)
+    step = jit_train_step(step_fn, shardings, mesh)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(2):

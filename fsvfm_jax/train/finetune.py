@@ -29,6 +29,7 @@ from fsvfm_jax.data import fas, labeled, stats
 from fsvfm_jax.models.classifier import ClassifierConfig, count_params, init_classifier, merge_encoder, split_trainable
 from fsvfm_jax.optim import absolute_lr, lr_schedule, make_finetune_optimizer
 from fsvfm_jax.train import finetune_step as fs
+from fsvfm_jax.train.step import jit_train_step
 
 log = logging.getLogger("fsvfm_jax.finetune")
 
@@ -300,7 +301,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: 
              (count_params(abstract_state["params"]) + count_params(abstract_state["frozen"])) / 1e6, peak_lr)
     s = cfg.img_size
     abstract_batch = dict(image=jax.ShapeDtypeStruct((gb, s, s, 3), jnp.uint8), label=jax.ShapeDtypeStruct((gb,), jnp.int32))
-    train_step = fs.jit_train_step(step_fn, shardings, mesh).lower(abstract_state, abstract_batch).compile()
+    train_step = jit_train_step(step_fn, shardings, mesh).lower(abstract_state, abstract_batch).compile()
     eval_fn = _make_eval_fn(cfg, mean, std, shardings, mesh)
     eval_kw = dict(global_batch=gb, image_size=s, mesh=mesh, skip_bad=config.data.skip_bad,
                    worker_count=config.data.worker_count, read_threads=config.data.read_threads)

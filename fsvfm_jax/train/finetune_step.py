@@ -18,7 +18,7 @@ import optax
 
 from fsvfm_jax.losses import real_anchor_contrastive_loss, soft_target_cross_entropy
 from fsvfm_jax.models.classifier import ClassifierConfig, ViTClassifier
-from fsvfm_jax.sharding import batch_sharding, compiler_options, replicated
+from fsvfm_jax.sharding import batch_sharding, replicated
 from fsvfm_jax.train.step import _split_micro, normalize_images
 
 
@@ -158,12 +158,6 @@ def make_eval_step(cfg: ClassifierConfig, *, mean, std):
         return model.apply({"params": {**frozen, **params}}, x, train=False)["logits"].astype(jnp.float32)
 
     return eval_step
-
-
-def jit_train_step(train_step, state_shardings, mesh):
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0,
-                   compiler_options=compiler_options(mesh))
 
 
 def jit_eval_step(eval_step, state_shardings, mesh):

@@ -216,9 +216,9 @@ def make_train_step(loss_fn: Loss, optimizer: optax.GradientTransformation, *, l
 
 
 def jit_train_step(train_step, state_shardings, mesh):
-    """Compile for a mesh: state placed by ``state_shardings``, batch split over the batch axes,
-    metrics replicated, the input state donated (updated in place), remat policies kept
-    (:func:`~fsvfm_jax.sharding.compiler_options`)."""
+    """Compile a pretraining or fine-tuning step for a mesh: state placed by ``state_shardings``,
+    batch split over the batch axes, metrics replicated, the input state donated (updated in
+    place), remat policies kept (:func:`~fsvfm_jax.sharding.compiler_options`)."""
 
     def step_on_mesh(state, batch):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
