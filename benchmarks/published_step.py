@@ -17,8 +17,9 @@ Every measurement runs in a fresh child process, the two sides alternating row b
 by round, each pinned to the same thread count (``torch.set_num_threads`` on one side, XLA's
 CPU thread pool sized by the CPU affinity mask on the other, plus the usual OpenMP/MKL variables).
 A child warms up (our compile, the published first-iteration allocations), then times ``--steps``
-steps; it reports the median. Peak memory is the child's ``ru_maxrss`` read by the parent through
-``os.wait4``: the whole process, compilation included. Prints a table, the ratios, and one JSON
+steps; it reports the median, and the minor page faults per timed step (fresh pages the kernel
+maps in). Peak memory is the child's ``ru_maxrss`` read by the parent through ``os.wait4``: the
+whole process, compilation included. Prints a table, the ratios, and one JSON
 line per row. See docs/performance.md for the figures on this machine and what changed them.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -221,13 +223,16 @@ def _time_steps(step, args) -> dict:
     for _ in range(args.warmup):
         step()
     times, losses = [], []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         start = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - start)
     if not np.isfinite(losses).all():
         raise RuntimeError(f"non-finite loss in the {args.child} step: {losses}")
-    return dict(step_s=float(np.median(times)), step_times=[round(t, 3) for t in times], loss=losses[-1])
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return dict(step_s=float(np.median(times)), step_times=[round(t, 3) for t in times], loss=losses[-1],
+                minor_faults_per_step=round(faults / args.steps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +306,8 @@ def main() -> None:
             step_s = float(np.median([r["step_s"] for r in side_runs]))
             row[side] = dict(step_s=round(step_s, 3), images_per_s=round(batch / step_s, 3),
                              peak_rss_gb=round(max(r["peak_rss_gb"] for r in side_runs), 2),
-                             loss=side_runs[-1]["loss"], model_gflops=round(model_flops / step_s / 1e9, 1))
+                             loss=side_runs[-1]["loss"], model_gflops=round(model_flops / step_s / 1e9, 1),
+                             minor_faults_per_step=int(np.median([r["minor_faults_per_step"] for r in side_runs])))
         row["ours"].update(compile_s=runs["ours"][-1]["compile_s"], remat=runs["ours"][-1]["remat"])
         row["speed_ratio"] = round(row["ours"]["images_per_s"] / row["published"]["images_per_s"], 2)
         row["rss_ratio"] = round(row["ours"]["peak_rss_gb"] / row["published"]["peak_rss_gb"], 2)
