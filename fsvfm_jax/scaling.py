@@ -211,6 +211,10 @@ def plot_sizes(rows: Sequence[dict], path: str | Path) -> Path:
         ax_mem.plot(params, [r["memory_gib_xla"] for r in rows], "s--", label="XLA estimate (step only)")
     ax_mem.set(xlabel="online parameters (M)", ylabel="GiB", xscale="log", title="peak memory")
     ax_mem.legend(fontsize=8)
+    plain = plt.FuncFormatter(lambda value, _: f"{value:g}")  # 2.4, not 2.4 x 10^0, on short log axes
+    for axis in (ax_speed.xaxis, ax_speed.yaxis, ax_mem.xaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(plain)
     for ax, ys in ((ax_speed, speed), (ax_mem, memory)):
         for x, y, row in zip(params, ys, rows):
             ax.annotate(row["size"], (x, y), fontsize=8, textcoords="offset points", xytext=(4, 4))
