@@ -10,9 +10,9 @@ one, -1 if none); the loop reads them whenever it fetches metrics, so detection 
 (docs/pod.md, "Non-finite steps").
 
 Gradient accumulation runs inside the step (``lax.scan`` over micro-batches), so one call is one
-optimizer step. The EMA target moves once per optimizer step (``ema_cadence="step"``, docs/method.md "EMA target"),
-after every micro-batch as the published engine does (``"micro"``), or never (``"frozen"``, what
-what the published multi-GPU launch effectively trained with).
+optimizer step. The EMA target moves once per optimizer step (``ema_cadence="step"``,
+docs/method.md "EMA target"), after every micro-batch as the published engine does (``"micro"``),
+or never (``"frozen"``, what the published multi-GPU launch effectively trained with).
 """
 
 from __future__ import annotations
