@@ -340,7 +340,8 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, resume: bool) -
         start_step = 0
 
     # --- loop ----------------------------------------------------------------------------------
-    metrics_file = open_jsonl(workdir / METRICS_FILENAME, None) if jax.process_index() == 0 else None
+    # A resumed run drops the rows logged after its checkpoint, then writes them again.
+    metrics_file = open_jsonl(workdir / METRICS_FILENAME, start_step) if jax.process_index() == 0 else None
 
     def write(row):
         if metrics_file:
