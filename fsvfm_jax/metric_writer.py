@@ -8,7 +8,8 @@ shows every workdir under ``runs/`` as one run (``docs/observability.md``).
 
 A resumed run starts at its checkpoint's step: lines of later steps (logged by a run killed after
 that checkpoint, about to be done again) are dropped from ``metrics.jsonl``, so every step appears
-once. The workdir may be a ``gs://`` URI (``etils.epath``, never resolved).
+once. The workdir may be a ``gs://`` URI (``etils.epath``, never resolved). The run's
+``train.log`` is kept the same way (:func:`attach_log`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class MetricWriter:
         self._jsonl = self._tb = None
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = _open_jsonl(self.workdir / METRICS_FILENAME, start_step)
+            self._jsonl = open_jsonl(self.workdir / METRICS_FILENAME, start_step)
             self._tb = FileWriter(os.fspath(self.workdir), flush_secs=30)
 
     def write_scalars(self, step: int, row: dict) -> None:
@@ -120,10 +121,10 @@ class MetricWriter:
         self.close()
 
 
-def _open_jsonl(path: epath.Path, start_step: int | None):
-    """``path`` open for appending, keeping only its lines of steps up to ``start_step``. An object
-    store (gs://) cannot append: there the kept lines go into a new object, which replaces the old
-    one when closed. Locally the file is rewritten (atomically) only when lines must go."""
+def open_jsonl(path: epath.Path, start_step: int | None):
+    """``path`` open for appending, keeping only its lines of steps up to ``start_step`` (None: all).
+    An object store (gs://) cannot append: there the kept lines go into a new object, which replaces
+    the old one when closed. Locally the file is rewritten (atomically) only when lines must go."""
     lines = path.read_text().splitlines() if path.exists() else []
     kept, unreadable = [], 0
     for line in lines:
@@ -144,6 +145,24 @@ def _open_jsonl(path: epath.Path, start_step: int | None):
         tmp.write_text(text)
         tmp.replace(path)
     return path.open("a")
+
+
+def attach_log(path: epath.Path) -> logging.Handler:
+    """Copy the ``fsvfm_jax`` log into ``path`` (a run's ``train.log``) until :func:`detach_log`.
+    An object store (gs://) cannot append: there the file holds this start's lines only."""
+    appendable = "://" not in os.fspath(path)
+    handler = logging.StreamHandler(path.open("a" if appendable else "w"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("fsvfm_jax").addHandler(handler)
+    return handler
+
+
+def detach_log(handler: logging.Handler) -> None:
+    """Stop copying the log and close the file (a StreamHandler leaves its stream open; on a
+    bucket, closing is what writes it)."""
+    logging.getLogger("fsvfm_jax").removeHandler(handler)
+    handler.close()
+    handler.stream.close()
 
 
 def _plain(value):

@@ -15,19 +15,21 @@ Error rates at a threshold: ``APCER`` (attacks accepted as bona fide, = FAR = FP
 
 Predictions files (``read_predictions`` / ``write_predictions``): JSON lines (``.jsonl``) or CSV
 with a header; one row per image with ``path`` (or ``name``), ``label``, ``score``, an optional
-``video`` id and an optional ``attack`` species (``print``, ``replay``, ...) on attack rows.
+``video`` id and an optional ``attack`` species (``print``, ``replay``, ...) on attack rows. Their
+paths may be ``gs://`` URIs (read and written through ``etils.epath``).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from etils import epath
 
 REAL, FAKE = 1, 0
 DEFAULT_FPR_TARGETS = (1e-2, 1e-3)
@@ -319,20 +321,19 @@ def _parse_rows(rows: Iterable[tuple[int, dict]], source: str) -> Predictions:
                        ["" if a is None else a for a in attacks] if any(named) else None)
 
 
-def read_predictions(path: str | Path) -> Predictions:
+def read_predictions(path: epath.PathLike) -> Predictions:
     """Read a ``.jsonl`` (one JSON object per line) or ``.csv`` (header row) predictions file."""
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such predictions file")
     if path.suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in ("label", "score") if c not in header]
-            if missing or not any(c in header for c in NAME_COLUMNS):
-                missing += [] if any(c in header for c in NAME_COLUMNS) else ["path (or name)"]
-                raise ValueError(f"{path}: missing column(s) {missing} in the header {header}")
-            return _parse_rows(((i + 2, row) for i, row in enumerate(reader)), str(path))
+        reader = csv.DictReader(io.StringIO(path.read_bytes().decode(), newline=""))  # epath's open has no newline=
+        header = reader.fieldnames or []
+        missing = [c for c in ("label", "score") if c not in header]
+        if missing or not any(c in header for c in NAME_COLUMNS):
+            missing += [] if any(c in header for c in NAME_COLUMNS) else ["path (or name)"]
+            raise ValueError(f"{path}: missing column(s) {missing} in the header {header}")
+        return _parse_rows(((i + 2, row) for i, row in enumerate(reader)), str(path))
 
     def rows():
         with path.open() as f:
@@ -350,10 +351,10 @@ def read_predictions(path: str | Path) -> Predictions:
     return _parse_rows(rows(), str(path))
 
 
-def write_predictions(path: str | Path, names: Sequence[str], labels, scores, videos: Sequence[str] | None = None,
-                      attacks: Sequence[str] | None = None) -> Path:
+def write_predictions(path: epath.PathLike, names: Sequence[str], labels, scores,
+                      videos: Sequence[str] | None = None, attacks: Sequence[str] | None = None) -> epath.Path:
     """Write predictions as JSON lines (``.jsonl``) or CSV (``.csv``), read back by :func:`read_predictions`."""
-    path = Path(path)
+    path = epath.Path(path)
     labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
     if not (len(names) == labels.size == scores.size and all(c is None or len(c) == len(names) for c in (videos, attacks))):
         raise ValueError(f"{path}: names, labels, scores (and videos, attacks) must have one length")
@@ -366,10 +367,12 @@ def write_predictions(path: str | Path, names: Sequence[str], labels, scores, vi
             row["attack"] = str(a) if int(l) == FAKE else ""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path", "label", "score"])
-            writer.writeheader()
-            writer.writerows(rows)  # float -> repr: round-trips exactly
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["path", "label", "score"])
+        writer.writeheader()
+        writer.writerows(rows)  # float -> repr: round-trips exactly
+        text = buf.getvalue()
     else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_bytes(text.encode())  # bytes: csv's \r\n line ends stay as written
     return path

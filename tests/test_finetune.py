@@ -34,6 +34,20 @@ def _faces(root, n_per_class=6, size=40, seed=0):
                 cv2.imwrite(str(root / split / cls / f"v{k // 2}_frame_{k % 2}.png"), img)
 
 
+def tiny_run(root):
+    """The smallest fine-tuning run: ViT-tiny with FS-Adapter at 32 px on ``_faces(root)``, batch
+    4, two epochs of 3 steps (validation and a checkpoint after each). No starting point set."""
+    from fsvfm_jax.config import finetune_config
+
+    _faces(root)
+    c = finetune_config("tiny", adapter=True)
+    c.model.img_size = 32
+    c.data.root = str(root)
+    c.global_batch_size, c.epochs, c.warmup_epochs, c.log_every_steps = 4, 2, 1, 1
+    c.base_lr = 1e-2
+    return c
+
+
 def test_layer_decay_groups_match_the_published_rule_and_timm():
     """Every leaf's lr scale and decay flag equal timm's param_groups_layer_decay (the published
     ``param_groups_lrd`` ids: cls/pos/patch_embed 0, blocks.i i+1, the rest depth+1)."""
@@ -201,17 +215,11 @@ def test_starts_from_a_timm_export_folder(tmp_path):
 
 
 def test_finetune_end_to_end_select_predict_resume(tmp_path):
-    from fsvfm_jax.config import finetune_config
     from fsvfm_jax.metrics import read_predictions
     from fsvfm_jax.train.finetune import finetune
 
-    _faces(tmp_path / "data")
-    c = finetune_config("tiny", adapter=True)
-    c.model.img_size = 32
+    c = tiny_run(tmp_path / "data")
     c.init.random = True
-    c.data.root = str(tmp_path / "data")
-    c.global_batch_size, c.epochs, c.warmup_epochs, c.log_every_steps = 4, 2, 1, 1
-    c.base_lr = 1e-2
     c.data.normalize = "vggface2"
     results = finetune(c, tmp_path / "run")
     assert results["selection"] == "min val loss" and results["selected_step"] in (3, 6)

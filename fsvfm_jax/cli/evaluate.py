@@ -8,7 +8,8 @@ Predictions: reads a predictions file (JSON lines or CSV: ``path``/``name``, ``l
 real = 1, ``score`` = P(real), optional ``video``), and optionally the validation predictions whose
 EER threshold the HTER/ACER are measured at. Writes ``DIR/metrics.json`` (frame and video level:
 AUC, EER, TPR@FPR, APCER/BPCER/ACER/HTER and balanced accuracy at 0.5 and at the validation
-threshold, and the published FAS variant labelled as such) and ``DIR/roc.png``.
+threshold, and the published FAS variant labelled as such) and ``DIR/roc.png``. The files and
+``DIR`` may be ``gs://`` URIs (a fine-tuning workdir in a bucket).
 
 Probe: SOURCE is a pretraining workdir (``--steps``: every checkpoint or a list), an imported
 published checkpoint, a published/exported ``.pth`` or a timm export. Features of the labelled
@@ -26,6 +27,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from fsvfm_jax import metrics
 
@@ -101,7 +103,8 @@ def parse_args(argv=None):
     return args
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float, float]], path: Path, title: str) -> Path:
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float, float]], path: epath.Path,
+             title: str) -> epath.Path:
     """ROC curves (``name -> (fpr, tpr, auc, eer)``) on a linear and a log FPR axis, EER marked."""
     import matplotlib
 
@@ -124,7 +127,8 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float, float]], pat
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
+    with path.open("wb") as f:  # a file object: matplotlib cannot open a URI
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return path
 
@@ -134,6 +138,11 @@ def _load(path: str, score_means: str) -> metrics.Predictions:
     if score_means == "fake":
         preds.scores = 1.0 - preds.scores
     return preds
+
+
+def _absolute(path: str) -> str:
+    """A predictions file as metrics.json records it: a local path resolved, a URI as given."""
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def _summary(level: str, r: dict) -> str:
@@ -153,11 +162,10 @@ def _summary(level: str, r: dict) -> str:
 def run(args) -> dict:
     test = _load(args.predictions, args.score_means)
     val = _load(args.val, args.score_means) if args.val else None
-    result = {"predictions": str(Path(args.predictions).resolve()),
-              "val_predictions": str(Path(args.val).resolve()) if args.val else None,
+    result = {"predictions": _absolute(args.predictions), "val_predictions": _absolute(args.val) if args.val else None,
               "score": "P(real)" if args.score_means == "real" else "1 - P(fake)",
               **test.report(val, fpr_targets=args.fpr)}
-    out = Path(args.out)
+    out = epath.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     curves = {}

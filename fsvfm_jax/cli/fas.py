@@ -4,11 +4,12 @@ r"""Cross-domain face anti-spoofing: leave-one-domain-out protocols x seeds, wit
         --config.init.checkpoint=runs/vit_b --config.fas.roots=/data/MCIO \
         --protocols M,C,I,O --seeds 0,1,2,3,4
 
-Each (protocol, seed) fine-tunes in ``WORKDIR/<protocol>/seed_<k>`` (a finished run is read back,
-a stopped one resumes); ``WORKDIR/summary.json`` and ``summary.csv`` hold HTER/AUC/TPR@FPR=1% per
-run with mean and std, both with the threshold and model chosen on the source domains and as
-published (best target evaluation at the target's own EER threshold). Protocols: M, C, I, O
-(MCIO, also OCI2M, OMI2C, OCM2I, ICM2O) and cefa, surf, wmca (WCS); docs/downstream.md.
+Each (protocol, seed) fine-tunes in ``WORKDIR/<protocol>/seed_<k>`` (``WORKDIR`` a local path or
+gs://bucket/run; a finished run is read back, a stopped one resumes); ``WORKDIR/summary.json`` and
+``summary.csv`` hold HTER/AUC/TPR@FPR=1% per run with mean and std, both with the threshold and
+model chosen on the source domains and as published (best target evaluation at the target's own
+EER threshold). Protocols: M, C, I, O (MCIO, also OCI2M, OMI2C, OCM2I, ICM2O) and cefa, surf, wmca
+(WCS); docs/downstream.md.
 """
 
 import logging

@@ -5,8 +5,9 @@ r"""Fine-tune a pretrained FS-VFM encoder for deepfake / diffusion-forgery / spo
         --config.data.test="'/data/CDFv2/32_frames','/data/DFDC/32_frames'"
 
 Any config field can be overridden with ``--config.<field>=<value>``; ``--resume`` continues a
-stopped run. The workdir receives checkpoints, ``metrics.jsonl``, the selected (lowest validation
-loss) model, per test set ``predictions_<name>.jsonl`` and ``results.json`` (docs/downstream.md).
+stopped run. The workdir (a local path or gs://bucket/run; ``init.checkpoint`` too) receives
+checkpoints, ``metrics.jsonl``, the selected (lowest validation loss) model, per test set
+``predictions_<name>.jsonl`` and ``results.json`` (docs/downstream.md).
 """
 
 import logging

@@ -26,9 +26,10 @@ import logging
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +152,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def _read_zip(path: Path) -> Any:
+def _read_zip(f: IO[bytes], path: epath.Path) -> Any:
     source = str(path)
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(f)
     except zipfile.BadZipFile as err:
-        if path.stat().st_size and _looks_like_legacy_pickle(path):
+        if _looks_like_legacy_pickle(f):
             raise _LegacyFormat(source) from err
         raise CheckpointReadError(f"{source}: not a PyTorch zip checkpoint (truncated or corrupt: {err})") from err
     with archive:
@@ -181,9 +182,9 @@ class _LegacyFormat(Exception):
     pass
 
 
-def _looks_like_legacy_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"  # a raw pickle (torch < 1.6 or _use_new_zipfile_serialization=False)
+def _looks_like_legacy_pickle(f: IO[bytes]) -> bool:
+    f.seek(0)
+    return f.read(1) == b"\x80"  # a raw pickle (torch < 1.6 or _use_new_zipfile_serialization=False)
 
 
 def _torch():
@@ -211,26 +212,32 @@ def to_numpy(obj):
     return obj
 
 
-def load_pth(path: str | Path, *, unsafe: bool = False) -> Any:
+def load_pth(path: epath.PathLike, *, unsafe: bool = False) -> Any:
     """Load a ``.pth`` file into plain Python objects with tensors as ``np.ndarray``.
 
     Safe by default (module docstring). ``unsafe=True`` uses ``torch.load(weights_only=False)``
-    and logs a warning; it needs torch.
+    and logs a warning; it needs torch. ``path`` may be a URI (``gs://...``): the readers take the
+    file opened through ``etils.epath``, so a checkpoint in a bucket needs no local copy.
     """
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise CheckpointReadError(f"{path}: no such checkpoint file")
+    with path.open("rb") as f:
+        return _load(f, path, unsafe)
+
+
+def _load(f: IO[bytes], path: epath.Path, unsafe: bool) -> Any:
     torch = _torch()
     if unsafe:
         if torch is None:
             raise CheckpointReadError(f"{path}: --unsafe-pickle needs torch (pip install -e .[torch])")
         log.warning("%s: unpickling without restrictions (weights_only=False); this can run code from the file", path)
         try:
-            return to_numpy(torch.load(path, map_location="cpu", weights_only=False))
+            return to_numpy(torch.load(f, map_location="cpu", weights_only=False))
         except Exception as err:
             raise CheckpointReadError(f"{path}: torch.load failed ({type(err).__name__}: {err})") from err
     try:
-        return _read_zip(path)
+        return _read_zip(f, path)
     except (UnsafeCheckpointError, _LegacyFormat) as err:
         legacy = isinstance(err, _LegacyFormat)
         if torch is None:
@@ -240,9 +247,10 @@ def load_pth(path: str | Path, *, unsafe: bool = False) -> Any:
             raise
         reason = "legacy (pre-zip) format" if legacy else str(err).removeprefix(f"{path}: ").split(". ")[0]
         log.info("%s: torch-free reader declined (%s); trying torch.load(weights_only=True)", path, reason)
+        f.seek(0)
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
-                return to_numpy(torch.load(path, map_location="cpu", weights_only=True))
+                return to_numpy(torch.load(f, map_location="cpu", weights_only=True))
         except pickle.UnpicklingError as err2:
             detail = [ln.strip() for ln in str(err2).splitlines() if "Unsupported global" in ln or "GLOBAL" in ln]
             first = reason if not legacy else "legacy format"

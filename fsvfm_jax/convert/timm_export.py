@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from fsvfm_jax.convert import fsfm_layout
 from fsvfm_jax.convert.fsfm_checkpoint import (
@@ -213,17 +214,17 @@ def pooled_features(encoder, images: jnp.ndarray, cfg: FSFMConfig, pool: str = "
 def _read_any(path_or_state_dict, unsafe: bool) -> tuple[dict[str, np.ndarray], str]:
     if isinstance(path_or_state_dict, Mapping):
         return model_state_dict(path_or_state_dict, "state dict"), "state dict"
-    path = Path(path_or_state_dict)
+    path = epath.Path(path_or_state_dict)  # a local path or a URI (gs://...), read through epath
     if path.is_dir():  # a timm model folder (write_timm_export)
         if not (path / TIMM_WEIGHTS).is_file():
             raise FileNotFoundError(f"{path}: a folder without {TIMM_WEIGHTS}, so not a timm model folder")
         path = path / TIMM_WEIGHTS
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        return strip_prefixes(load_file(str(path))), str(path)
+        return strip_prefixes(load(path.read_bytes())), str(path)
     return model_state_dict(load_pth(path, unsafe=unsafe), str(path)), str(path)
 
 
@@ -232,7 +233,8 @@ def load_encoder_for_finetune(path_or_state_dict, img_size: int | None = None, *
     """Encoder parameters to start fine-tuning from, at input size ``img_size``.
 
     Accepts a published or exported FSFM ``.pth`` (online file: ``checkpoint['model']``), a timm
-    export (its folder, or a ``.safetensors``/``.pth`` file), or a torch-layout state dict. Returns our encoder tree::
+    export (its folder, or a ``.safetensors``/``.pth`` file), or a torch-layout state dict; a path may
+    be a ``gs://`` URI. Returns our encoder tree::
 
         {patch_embed/proj/{kernel [p,p,3,D], bias}, cls_token [1,1,D], pos_embed [1,1+L',D],
          blocks_i/..., norm (pool 'token') | fc_norm (pool 'avg', fresh unless the file has one)}

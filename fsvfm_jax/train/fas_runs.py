@@ -12,19 +12,23 @@ resumes from its checkpoint, so a sweep can be restarted. ``WORKDIR/summary.json
 * ``published_hter``, ``published_auc``, ``published_tpr_at_fpr_0.01``: the published reporting:
   the periodic target evaluation with the lowest HTER at the target's own EER threshold
   (test-set selection; not comparable to ``hter``).
+
+``WORKDIR`` may be a ``gs://`` URI, as for a single fine-tuning run.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import logging
-from pathlib import Path
+import os
 from typing import Sequence
 
 import numpy as np
 
+from fsvfm_jax import checkpoint
 from fsvfm_jax.data.fas import get_protocol
 from fsvfm_jax.train.finetune import finetune
 
@@ -59,10 +63,10 @@ def mean_std(runs: Sequence[dict]) -> dict:
     return out
 
 
-def run_protocols(config, workdir: str | Path, protocols: Sequence[str], seeds: Sequence[int]) -> dict:
+def run_protocols(config, workdir: str | os.PathLike, protocols: Sequence[str], seeds: Sequence[int]) -> dict:
     """Run (or read back) every (protocol, seed); write and return the summary. ``protocols``:
     published names (``M``, ``cefa``, ...), or one label when ``config.fas.sources`` names the domains."""
-    workdir = Path(workdir)
+    workdir = checkpoint.workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     summary = {"protocols": {}, "seeds": list(seeds),
                "note": "hter/auc: model and threshold chosen on the source domains' validation images; "
@@ -81,21 +85,22 @@ def run_protocols(config, workdir: str | Path, protocols: Sequence[str], seeds: 
                 c = copy.deepcopy(config)
                 with c.unlocked():
                     c.fas.protocol, c.seed = name, int(seed)
-                resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+                resume = bool(checkpoint.finished_steps(run_dir / checkpoint.CHECKPOINTS))
                 log.info("%s seed %d -> %s%s", protocol.name, seed, run_dir, " (resuming)" if resume else "")
                 results = finetune(c, run_dir, resume=resume)
             runs.append({"seed": int(seed), **run_numbers(results)})
         summary["protocols"][name] = {"name": protocol.name, "sources": list(protocol.sources),
                                       "target": protocol.target, "runs": runs, **mean_std(runs)}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with (workdir / "summary.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["protocol", "run", *FIELDS])
-        for name, p in summary["protocols"].items():
-            for r in p["runs"]:
-                w.writerow([name, r["seed"], *(r.get(k) for k in FIELDS)])
-            for stat in ("mean", "std"):
-                w.writerow([name, stat, *(p[k][stat] if k in p else None for k in FIELDS)])
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["protocol", "run", *FIELDS])
+    for name, p in summary["protocols"].items():
+        for r in p["runs"]:
+            w.writerow([name, r["seed"], *(r.get(k) for k in FIELDS)])
+        for stat in ("mean", "std"):
+            w.writerow([name, stat, *(p[k][stat] if k in p else None for k in FIELDS)])
+    (workdir / "summary.csv").write_bytes(table.getvalue().encode())  # bytes: csv's \r\n line ends as written
     return summary
 
 

@@ -9,12 +9,18 @@ published model selection, or the highest validation AUC), ``test_best.json`` (w
 ``test_every_steps``: per test set the periodic evaluation with the lowest published HTER), per
 test set ``predictions_<name>.jsonl`` (the format ``fsvfm-evaluate`` reads) and ``results.json``
 (every set's metrics).
+
+``WORKDIR`` and ``init.checkpoint`` may be ``gs://`` URIs, as for pretraining (docs/pod.md): every
+path into them goes through ``etils.epath`` and is never resolved into a local one. On a bucket,
+where nothing can be appended to, ``metrics.jsonl`` is written again whole at each start and
+``train.log`` holds the latest start only. Data roots (the images) are local paths.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -22,10 +28,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from fsvfm_jax import checkpoint, metrics, sharding
 from fsvfm_jax.data import finetune_pipeline as fp
 from fsvfm_jax.data import fas, labeled, stats
+from fsvfm_jax.metric_writer import METRICS_FILENAME, attach_log, detach_log, open_jsonl
 from fsvfm_jax.models.classifier import ClassifierConfig, count_params, init_classifier, merge_encoder, split_trainable
 from fsvfm_jax.optim import absolute_lr, lr_schedule, make_finetune_optimizer
 from fsvfm_jax.train import finetune_step as fs
@@ -41,18 +49,19 @@ def classifier_config(config) -> ClassifierConfig:
                             embedder=m.embedder, dtype=jnp.dtype(m.dtype), remat=m.remat)
 
 
-def load_pretrained_encoder(path: str | Path, cfg: ClassifierConfig, step: int | None = None):
+def load_pretrained_encoder(path: str | os.PathLike, cfg: ClassifierConfig, step: int | None = None):
     """Encoder weights to start from, from any source, and the mean/std stored beside them.
 
     ``path``: our pretraining workdir (or ``checkpoints/<step>``; also what ``tools/import_fsfm.py``
     writes), a published FSFM/FS-VFM ``.pth``, or a timm export (its folder, or ``.safetensors``/``.pth``). The
     size must be ``cfg.size`` (else an error naming both); the position table is resampled to
-    ``cfg.img_size``. Returns ``(encoder tree, (mean, std) | None)``.
+    ``cfg.img_size``. ``path`` may be a ``gs://`` URI (a pod's pretraining workdir): every reader
+    takes it through ``etils.epath``. Returns ``(encoder tree, (mean, std) | None)``.
     """
     from fsvfm_jax.convert.timm_export import TIMM_WEIGHTS, encoder_to_timm, load_encoder_for_finetune
     from fsvfm_jax.convert.train_state import read_train_state
 
-    path = Path(path)
+    path = epath.Path(path)
     pool = "avg" if cfg.global_pool else "token"
     if path.is_dir() and (path / TIMM_WEIGHTS).is_file():  # a timm model folder (fsvfm-export --to timm)
         path = path / TIMM_WEIGHTS
@@ -124,7 +133,9 @@ def _sampler(config, train: labeled.LabeledSet, fas_data):
     raise ValueError(f"data.sampler must be 'shuffled', 'paired' or 'balanced', got {kind!r}")
 
 
-def _setup_workdir(workdir: Path, config, resume: bool) -> None:
+def _setup_workdir(workdir: epath.Path, config, resume: bool) -> logging.Handler | None:
+    """Check the resume decision against the workdir; process 0 writes config.json and attaches
+    the train.log handler (returned, to detach)."""
     workdir.mkdir(parents=True, exist_ok=True)
     ckpts = workdir / checkpoint.CHECKPOINTS
     has_ckpt = bool(checkpoint.finished_steps(ckpts))  # Orbax's answer: an interrupted save does not count
@@ -133,11 +144,9 @@ def _setup_workdir(workdir: Path, config, resume: bool) -> None:
     if resume and not has_ckpt:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpts}")
     if jax.process_index() != 0:
-        return
+        return None
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    handler = logging.FileHandler(workdir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("fsvfm_jax").addHandler(handler)
+    return attach_log(workdir / "train.log")
 
 
 def predict(eval_fn, state, data: labeled.LabeledSet, *, global_batch: int, image_size: int, resize: str,
@@ -214,11 +223,19 @@ def _periodic_test_row(report: dict) -> dict:
             "published_hter": r["published_fas"]["hter"]}
 
 
-def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False) -> dict:
+def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, resume: bool = False) -> dict:
     """Fine-tune (or resume), select on validation (``select_on``), predict every test set. Returns
     the results (also written to ``WORKDIR/results.json``)."""
-    workdir = Path(workdir)
-    _setup_workdir(workdir, config, resume)
+    workdir = checkpoint.workdir_path(workdir)
+    log_handler = _setup_workdir(workdir, config, resume)
+    try:
+        return _run(config, workdir, resume)
+    finally:
+        if log_handler is not None:
+            detach_log(log_handler)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: epath.Path, resume: bool) -> dict:
     cfg = classifier_config(config)
 
     # --- mesh ------------------------------------------------------------------------------
@@ -324,7 +341,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: 
         start_step = 0
 
     # --- loop ----------------------------------------------------------------------------------
-    metrics_file = (workdir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
+    # A resumed run drops the rows logged after its checkpoint, then writes them again.
+    metrics_file = open_jsonl(workdir / METRICS_FILENAME, start_step) if jax.process_index() == 0 else None
 
     def write(row):
         if metrics_file:

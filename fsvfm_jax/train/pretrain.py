@@ -29,7 +29,7 @@ from fsvfm_jax import checkpoint, hostmem, observe, sharding
 from fsvfm_jax.config import accum_steps, compute_dtype, fsdp_size, remat_policy
 from fsvfm_jax.data import stats
 from fsvfm_jax.data.pipeline import make_pretrain_dataset
-from fsvfm_jax.metric_writer import MetricWriter
+from fsvfm_jax.metric_writer import MetricWriter, attach_log, detach_log
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
 from fsvfm_jax.optim import absolute_lr, lr_schedule, make_optimizer, momentum_schedule
 from fsvfm_jax.progress import Progress
@@ -81,11 +81,7 @@ def _setup_workdir(workdir: epath.Path, config) -> logging.Handler | None:
         return None
     workdir.mkdir(parents=True, exist_ok=True)
     _write_atomic(workdir / CONFIG_FILENAME, config.to_json_best_effort(indent=2))
-    appendable = "://" not in os.fspath(workdir)  # object stores (gs://) cannot append: this run's log only
-    handler = logging.StreamHandler((workdir / LOG_FILENAME).open("a" if appendable else "w"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("fsvfm_jax").addHandler(handler)
-    return handler
+    return attach_log(workdir / LOG_FILENAME)
 
 
 def _write_atomic(path: epath.Path, text: str) -> None:
@@ -187,9 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, resu
         preemption.uninstall()
         manager.close()  # waits for a save in flight
         if log_handler is not None:
-            logging.getLogger("fsvfm_jax").removeHandler(log_handler)
-            log_handler.close()
-            log_handler.stream.close()  # a StreamHandler leaves its stream open; on a bucket, closing writes it
+            detach_log(log_handler)
 
 
 def _run(config, workdir: epath.Path, records, manager, resume_step: int | None, preemption: _Preemption) -> dict:
