@@ -110,7 +110,9 @@ def _timm045_shim(torch_nn):
     return PatchEmbed, Block
 
 
-def published_child(args) -> dict:
+def build_published_step(args):
+    """The published step as a closure returning the loss: one ``train_one_epoch`` iteration of its
+    model, target network, loss scaler and optimizer, on the synthetic batch."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -172,24 +174,28 @@ def published_child(args) -> dict:
                 param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
         return loss_value
 
-    return _time_steps(step, args)
+    return step
+
+
+def published_child(args) -> dict:
+    return _time_steps(build_published_step(args), args)
 
 
 # ---------------------------------------------------------------------------------------------
 # Our side.
 
 
-def ours_child(args) -> dict:
+def build_ours_step(args):
     """Our step as ``tools/pretrain.py`` runs it: on a one-device mesh (the per-device ZeRO-3 step),
     compiled ahead from abstract shapes, the freed compiler heap trimmed, the state initialised by
-    a jitted init and donated to every step."""
+    a jitted init and donated to every step. Returns the step (a closure returning the loss), the
+    compiled program, the model config and the compile time."""
     import jax
 
     from fsvfm_jax import hostmem, sharding
     from fsvfm_jax.config import pretrain_config
     from fsvfm_jax.models.fsfm import init_params
     from fsvfm_jax.optim import make_optimizer
-    from fsvfm_jax.scaling import train_flops_per_image
     from fsvfm_jax.train.pretrain import model_config
     from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
 
@@ -215,6 +221,13 @@ def ours_child(args) -> dict:
         holder[0], metrics = compiled(holder[0], batch)
         return float(metrics["loss"])
 
+    return step, compiled, cfg, compile_s
+
+
+def ours_child(args) -> dict:
+    from fsvfm_jax.scaling import train_flops_per_image
+
+    step, _, cfg, compile_s = build_ours_step(args)
     return dict(_time_steps(step, args), compile_s=round(compile_s, 1), remat=cfg.remat,
                 model_flops=args.batch * train_flops_per_image(cfg, mask_ratio=0.75))
 
@@ -251,16 +264,21 @@ def child_env(threads: int) -> dict:
     return env
 
 
+def start_pinned(cmd: list[str], threads: int) -> subprocess.Popen:
+    """``cmd`` with its stdout piped, in ``child_env(threads)`` on the first ``threads`` cores this
+    process may use: XLA sizes its CPU pool from the affinity mask, so both sides get the same cores."""
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    return subprocess.Popen(cmd, env=child_env(threads), stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+
+
 def run_child(side: str, size: str, batch: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--size", size, "--batch", str(batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--remat", args.remat]
     if side == "published":
         cmd += ["--published", args.published]
-    # XLA sizes its CPU pool from the affinity mask: pin both sides to the same `threads` cores.
-    cpus = sorted(os.sched_getaffinity(0))[: args.threads]
-    proc = subprocess.Popen(cmd, env=child_env(args.threads), stdout=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    proc = start_pinned(cmd, args.threads)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -268,6 +286,11 @@ def run_child(side: str, size: str, batch: int, args) -> dict:
         raise RuntimeError(f"{side} child for {size}/{batch} failed with exit code {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
     return dict(result, peak_rss_gb=usage.ru_maxrss * 1024 / 1e9)  # ru_maxrss is in KiB on Linux
+
+
+def require_published(parser: argparse.ArgumentParser, path: str | None) -> None:
+    if not path or not os.path.isfile(os.path.join(path, "models_fsfm.py")):
+        parser.error(f"--published must name the published fsvfm/ folder holding models_fsfm.py, got {path!r}")
 
 
 def main() -> None:
@@ -286,8 +309,7 @@ def main() -> None:
     if args.child:
         print(json.dumps((published_child if args.child == "published" else ours_child)(args)), flush=True)
         return
-    if not args.published or not os.path.isfile(os.path.join(args.published, "models_fsfm.py")):
-        parser.error(f"--published must name the published fsvfm/ folder holding models_fsfm.py, got {args.published!r}")
+    require_published(parser, args.published)
 
     rows = [(size, int(batch)) for size, batch in (row.split(":") for row in args.rows.split(","))]
     results = []
