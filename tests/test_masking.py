@@ -218,6 +218,17 @@ def _reference_assignment(membership: np.ndarray, region: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("most", [1, 2, 8, 9, 40, 150])  # row minima (<= 8), partition (< L / 4), full sort
+def test_take_first_marks_the_smallest_keys(most):
+    """Each row marks exactly its ``counts[b]`` smallest keys, whichever of the three ways runs."""
+    rng = np.random.default_rng(most)
+    keys = rng.integers(0, 3, (64, 196)) + rng.random((64, 196))  # priority + uniform, as the masks draw
+    counts = rng.integers(0, most + 1, 64)
+    counts[0] = most
+    ranks = np.argsort(np.argsort(keys, axis=1), axis=1)
+    np.testing.assert_array_equal(masking._take_first(keys, counts), ranks < counts[:, None])
+
+
 @pytest.mark.parametrize("strategy", masking.STRATEGIES)
 def test_same_seed_same_masks(synthetic_maps, strategy):
     def draw(seed):
