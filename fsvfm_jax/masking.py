@@ -287,6 +287,7 @@ def _scatter_sorted(out: np.ndarray, order: np.ndarray, selected_sorted: np.ndar
 
 
 _REPEATED_ARGMIN_MAX = 8
+_GROUP_INDEX_BITS = (_NUM_GROUPS - 1).bit_length()
 
 
 def _take_first(keys: np.ndarray, counts: np.ndarray | int) -> np.ndarray:
@@ -320,6 +321,20 @@ def _take_first(keys: np.ndarray, counts: np.ndarray | int) -> np.ndarray:
     return out
 
 
+def _group_random_order(assignment: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """Per row, the patch indices ordered by group, then by ``uniform``: ``argsort(assignment +
+    uniform)``, computed as a sort of packed 64-bit keys (group | uniform's top bits | index), which
+    numpy sorts 2x faster than it argsorts floats. The uniform keeps 53 bits (all a float64 draw
+    has) up to 256 patches, one bit fewer per doubling beyond; a tie falls to the lower index."""
+    index_bits = max(1, (assignment.shape[1] - 1).bit_length())
+    uniform_bits = min(53, 64 - _GROUP_INDEX_BITS - index_bits)
+    ranks = (uniform * float(2**uniform_bits)).astype(np.uint64)
+    keys = assignment.astype(np.uint64) << np.uint64(64 - _GROUP_INDEX_BITS)
+    keys |= ranks << np.uint64(index_bits)
+    keys |= np.arange(assignment.shape[1], dtype=np.uint64)
+    return (np.sort(keys, axis=1) & np.uint64((1 << index_bits) - 1)).astype(np.intp)
+
+
 def _take_quotas(assignment: np.ndarray, sizes: np.ndarray, quotas: np.ndarray,
                  rng: np.random.Generator) -> np.ndarray:
     """Per row and group ``j``, mask ``quotas[b, j]`` of the ``sizes[b, j]`` patches assigned to
@@ -331,7 +346,7 @@ def _take_quotas(assignment: np.ndarray, sizes: np.ndarray, quotas: np.ndarray,
     published sequential per-group ``randperm`` draws.
     """
     batch, num_patches = assignment.shape
-    order = np.argsort(assignment + rng.random(assignment.shape), axis=1)
+    order = _group_random_order(assignment, rng.random(assignment.shape))
     starts = np.cumsum(sizes, axis=1) - sizes
     # Taken sorted positions as intervals: +1 at each group's start, -1 at start + quota.
     offsets = (num_patches + 1) * np.arange(batch)[:, None]
