@@ -218,6 +218,14 @@ def _reference_assignment(membership: np.ndarray, region: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("num_patches", [2, 196, 256, 257, 784])  # 53 uniform bits up to 256 patches, fewer beyond
+def test_group_random_order_sorts_by_group_then_uniform(num_patches):
+    rng = np.random.default_rng(num_patches)
+    assignment, uniform = rng.integers(0, 8, (32, num_patches)), rng.random((32, num_patches))
+    expected = np.stack([np.lexsort((u, a)) for a, u in zip(assignment, uniform)])
+    np.testing.assert_array_equal(masking._group_random_order(assignment, uniform), expected)
+
+
 @pytest.mark.parametrize("most", [1, 2, 8, 9, 40, 150])  # row minima (<= 8), partition (< L / 4), full sort
 def test_take_first_marks_the_smallest_keys(most):
     """Each row marks exactly its ``counts[b]`` smallest keys, whichever of the three ways runs."""
