@@ -11,6 +11,9 @@ with `fsvfm_jax.metrics`:
   ``exp(sim / T)`` (DINO's weighted k-NN, ``T = 0.07``); score = the real share of the votes.
 
 Both scores are P(real) (label 1 = real), as everywhere in `fsvfm_jax.metrics`.
+
+Checkpoints are read through ``etils.epath``, so a pod's workdir or export in a bucket (``gs://``)
+is probed where it is; the labelled images are read from local folders.
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from fsvfm_jax import checkpoint, metrics, sharding
 from fsvfm_jax.convert.fsfm_checkpoint import EncoderGeometry, canonical_size, describe_size, identify_size
@@ -267,13 +271,13 @@ def _size_of(tree: dict, source: str, expected: str | None) -> tuple[str, int]:
     return identify_size(geometry, source, expected), grid * kernel[0]
 
 
-def is_workdir(path: str | Path) -> bool:
+def is_workdir(path: str | os.PathLike) -> bool:
     """A pretraining workdir (or its checkpoints/ or one step), not a timm model folder or a file."""
-    path = Path(path)
+    path = epath.Path(path)
     return path.is_dir() and not (path / TIMM_WEIGHTS).is_file()
 
 
-def workdir_steps(path: str | Path, steps: str = "latest") -> list[int]:
+def workdir_steps(path: str | os.PathLike, steps: str = "latest") -> list[int]:
     """``latest``, ``all`` or a comma list -> checkpoint steps of a pretraining workdir."""
     _, step_dir, latest = resolve_checkpoint(path)
     if steps == "latest":
@@ -292,13 +296,13 @@ def workdir_steps(path: str | Path, steps: str = "latest") -> list[int]:
     return wanted
 
 
-def load_encoder(source: str | Path, *, step: int | None = None, which: str = "online", pool: str = "avg",
+def load_encoder(source: str | os.PathLike, *, step: int | None = None, which: str = "online", pool: str = "avg",
                  expected_size: str | None = None, mean_std=None) -> ProbeEncoder:
     """A pretraining workdir (``step``; ``which`` network: online, or the EMA target), an imported
     published checkpoint (a workdir too), a published/exported FSFM ``.pth``, or a timm export (its
     model folder, or a ``.safetensors``/``.pth`` file). ``mean_std`` overrides the statistics found
-    beside (or in) it."""
-    source = Path(source)
+    beside (or in) it. Local paths and URIs (``gs://...``)."""
+    source = epath.Path(source)
     timm_folder = source.is_dir() and not is_workdir(source)
     if is_workdir(source):
         state = read_train_state(source, step)

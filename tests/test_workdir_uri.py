@@ -1,6 +1,6 @@
 """A ``gs://bucket/run`` workdir is used as given, never resolved into a local path: pretraining,
 fine-tuning (from a pretraining workdir in the bucket), their metric writers, the checkpoint
-helpers, the exporter's reader and the evaluation tools all go through ``etils.epath``.
+helpers, the exporter, the probe and the evaluation tools all go through ``etils.epath``.
 
 There is no bucket here. etils' own test hook (``epath.testing.mock_epath``) serves
 ``gs://bucket/...`` from a local folder and records every path it is handed; tensorboardX's writer
@@ -25,13 +25,15 @@ from etils import epath
 from etils.epath import testing as epath_testing
 from tensorboardX import record_writer
 
-from test_finetune import MEAN, STD, tiny_run
+from test_finetune import MEAN, STD, _faces, tiny_run
 # The command-line runs' data and settings: the same program, compiled once per test session.
 from test_pretrain_tool import SMALL_RUN, faces  # noqa: F401 (faces is a fixture)
 
 from fsvfm_jax import checkpoint, metrics
 from fsvfm_jax.cli import evaluate
+from fsvfm_jax.cli.export import main as export_main
 from fsvfm_jax.convert import train_state
+from fsvfm_jax.convert.pth import load_pth
 from fsvfm_jax.data import stats
 from fsvfm_jax.models.classifier import ClassifierConfig
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
@@ -134,6 +136,15 @@ def orbax_reads(bucket, monkeypatch):
     return asked
 
 
+def tiny_weights(seed: int):
+    """ViT-tiny at 32 px with random online and target weights (numpy; nothing is compiled)."""
+    cfg = fsfm_config("tiny", img_size=32)
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    online, target = jax.tree.map(lambda v: rng.standard_normal(v.shape).astype(np.float32), shapes)
+    return cfg, online, target
+
+
 def _mangled(paths) -> list[str]:
     """URIs that went through ``pathlib`` (``gs://b/x`` -> ``gs:/b/x``)."""
     return [p for p in paths if p.startswith("gs:/") and not p.startswith("gs://")]
@@ -227,10 +238,7 @@ def test_a_timm_export_or_pth_in_a_bucket_is_a_starting_point(bucket, tmp_path):
     from fsvfm_jax.convert.timm_export import write_timm_export
 
     fake, _ = bucket
-    cfg = fsfm_config("tiny", img_size=32)
-    shapes, _ = jax.eval_shape(lambda: init_params(cfg, jax.random.key(1)))
-    rng = np.random.default_rng(1)
-    online = jax.tree.map(lambda v: rng.standard_normal(v.shape).astype(np.float32), shapes)
+    cfg, online, _ = tiny_weights(1)
     with_pth = importlib.util.find_spec("torch") is not None  # torch writes .pth files; reading needs none
     write_timm_export(tmp_path / "bucket" / "export", online["encoder"], cfg, "tiny", mean_std=(MEAN, STD),
                       pth=with_pth)
@@ -242,6 +250,64 @@ def test_a_timm_export_or_pth_in_a_bucket_is_a_starting_point(bucket, tmp_path):
         assert mean_std == (MEAN, STD), source
         assert all(np.array_equal(v, reference[k]) for k, v in flatten(encoder).items()), source
     assert "gs://bucket/export/model.safetensors" in fake.seen and not _mangled(fake.seen)
+
+
+def test_the_probe_reads_a_bucket_workdir_and_writes_its_lines_there(bucket, orbax_reads, tmp_path, monkeypatch):
+    """``fsvfm-evaluate --probe`` on a pod's pretraining workdir in the bucket, ``--out`` in the
+    bucket too (the images are local); a second start adds its line although a bucket cannot append."""
+    fake, _ = bucket
+    monkeypatch.chdir(tmp_path)  # a URI turned into a local path would land in ./gs:/
+    cfg, online, target = tiny_weights(2)
+    train_state.write_train_state("gs://bucket/pre", online, target, cfg, "tiny", mean_std=(MEAN, STD))
+    _faces(tmp_path / "data")
+    args = ["--probe", "gs://bucket/pre", "--data", str(tmp_path / "data"), "--batch-size", "12",
+            "--out", "gs://bucket/pre/probe"]
+
+    assert evaluate.main(args) == 0
+    assert evaluate.main(args) == 0
+
+    text = (tmp_path / "bucket" / "pre" / "probe" / "probe.jsonl").read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    want = {"source": "gs://bucket/pre", "step": 0, "img_size": 32, "mean_std": [list(MEAN), list(STD)]}
+    assert [{k: r[k] for k in want} for r in lines] == [want, want]
+    assert lines[0]["linear"]["frame"] == lines[1]["linear"]["frame"] and lines[0]["n_test"] == 12
+    assert "gs://bucket/pre/checkpoints/0/state" in orbax_reads
+    assert not _mangled(fake.seen + orbax_reads) and not (tmp_path / "gs:").exists()
+
+
+def test_exports_written_into_the_bucket_read_back_equal_local_ones(bucket, orbax_reads, tmp_path, monkeypatch):
+    """``fsvfm-export`` from the bucket workdir into the bucket: every file it wrote, read back from
+    the bucket, holds what the same export written to a local folder holds."""
+    fake, _ = bucket
+    monkeypatch.chdir(tmp_path)
+    cfg, online, target = tiny_weights(3)
+    train_state.write_train_state("gs://bucket/pre", online, target, cfg, "tiny", mean_std=(MEAN, STD))
+    exports = {"timm": ["--to", "timm", "--pool", "both"]}
+    if importlib.util.find_spec("torch") is not None:  # writing .pth files needs torch
+        exports["timm"].append("--pth")
+        exports["fsfm"] = ["--to", "fsfm"]
+
+    def read(path: epath.Path):
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load
+
+            return load(path.read_bytes())
+        return load_pth(path) if path.suffix == ".pth" else path.read_text()
+
+    written = {}
+    for name, flags in exports.items():
+        assert export_main(["gs://bucket/pre", *flags, "--out", f"gs://bucket/{name}"]) == 0
+        assert export_main(["gs://bucket/pre", *flags, "--out", str(tmp_path / "local" / name)]) == 0
+        local, stand_in = tmp_path / "local" / name, tmp_path / "bucket" / name
+        written[name] = files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+        assert files == sorted(str(p.relative_to(stand_in)) for p in stand_in.rglob("*") if p.is_file())
+        for file in files:
+            np.testing.assert_equal(read(epath.Path(f"gs://bucket/{name}/{file}")), read(epath.Path(local / file)),
+                                    err_msg=f"{name}/{file}")
+    assert {"avg/model.safetensors", "token/model.safetensors"} <= set(written["timm"])
+    if "fsfm" in written:
+        assert written["fsfm"] == ["checkpoint-0.pth", "checkpoint-te-0.pth", stats.MEAN_STD_FILENAME]
+    assert not _mangled(fake.seen) and not (tmp_path / "gs:").exists()
 
 
 def test_a_relative_local_workdir_is_made_absolute_for_orbax(tmp_path, monkeypatch):

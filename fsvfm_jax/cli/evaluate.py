@@ -14,9 +14,10 @@ threshold, and the published FAS variant labelled as such) and ``DIR/roc.png``. 
 Probe: SOURCE is a pretraining workdir (``--steps``: every checkpoint or a list), an imported
 published checkpoint, a published/exported ``.pth`` or a timm export. Features of the labelled
 train/test (and val) splits are extracted once per checkpoint; a logistic-regression probe and a
-weighted k-NN are fitted on train and scored on test. Appends one JSON line per checkpoint to
+weighted k-NN are fitted on train and scored on test. Adds one JSON line per checkpoint to
 ``DIR/probe.jsonl``. ``--data ROOT`` reads ``ROOT/{train,val,test}/<class>/`` (val optional: else
-20% of the training videos are held out); ``--train/--val/--test`` take list files or roots.
+20% of the training videos are held out); ``--train/--val/--test`` take list files or roots. SOURCE,
+``--mean-std`` and ``DIR`` may be ``gs://`` URIs (a pod's workdir in a bucket); the data is local.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def _load(path: str, score_means: str) -> metrics.Predictions:
 
 
 def _absolute(path: str) -> str:
-    """A predictions file as metrics.json records it: a local path resolved, a URI as given."""
+    """A file as metrics.json or probe.jsonl records it: a local path resolved, a URI as given."""
     return path if "://" in path else str(Path(path).resolve())
 
 
@@ -195,7 +196,8 @@ def _splits(args, class_map):
 
 
 def run_probe(args) -> list[dict]:
-    """One JSON line per checkpoint in ``DIR/probe.jsonl`` (appended, process 0 only)."""
+    """One JSON line per checkpoint added to ``DIR/probe.jsonl`` (process 0 only), each as soon as
+    it is measured."""
     import time
 
     import jax
@@ -204,6 +206,7 @@ def run_probe(args) -> list[dict]:
     from fsvfm_jax.cli.common import setup_logging
     from fsvfm_jax.data.labeled import DEFAULT_CLASS_MAP
     from fsvfm_jax.data.stats import read_mean_std
+    from fsvfm_jax.metric_writer import open_jsonl
 
     setup_logging(timestamps=True)
     if args.distributed:
@@ -212,21 +215,20 @@ def run_probe(args) -> list[dict]:
         class_map = json.loads(args.class_map) if args.class_map else DEFAULT_CLASS_MAP
     except json.JSONDecodeError as err:
         raise ValueError(f"--class-map {args.class_map!r}: not JSON ({err})") from None
-    if args.mean_std and not Path(args.mean_std).is_file():
+    if args.mean_std and not epath.Path(args.mean_std).is_file():
         raise FileNotFoundError(f"--mean-std {args.mean_std}: no such file")
     mean_std = read_mean_std(args.mean_std) if args.mean_std else None
     train, val, test = _splits(args, class_map)
     mesh = sharding.make_mesh(-1, args.mesh_fsdp)
     if args.batch_size % mesh.size:
         raise ValueError(f"--batch-size {args.batch_size} does not divide over the {mesh.size} devices")
-    source = Path(args.probe)
-    steps = probe.workdir_steps(source, args.steps) if probe.is_workdir(source) else [None]
-    out = Path(args.out)
+    steps = probe.workdir_steps(args.probe, args.steps) if probe.is_workdir(args.probe) else [None]
+    out = epath.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for step in steps:
         t0 = time.perf_counter()
-        enc = probe.load_encoder(source, step=step, which=args.encoder, pool=args.pool, expected_size=args.size,
+        enc = probe.load_encoder(args.probe, step=step, which=args.encoder, pool=args.pool, expected_size=args.size,
                                  mean_std=mean_std)
         apply = probe.encoder_apply(enc, mesh)
         kw = dict(global_batch=args.batch_size, eval_resize=args.eval_resize, skip_bad=args.skip_bad,
@@ -237,14 +239,14 @@ def run_probe(args) -> list[dict]:
         result = probe.probe(feats["train"], feats["test"], feats.get("val"), k=args.k, temperature=args.temperature,
                              wd_grid=args.wd_grid or probe.DEFAULT_WD_GRID, steps=args.lbfgs_steps,
                              val_fraction=args.val_fraction, seed=args.seed, fpr_targets=args.fpr)
-        line = {"source": str(source.resolve()), "step": enc.step, "size": enc.size, "img_size": enc.img_size,
+        line = {"source": _absolute(args.probe), "step": enc.step, "size": enc.size, "img_size": enc.img_size,
                 "encoder": args.encoder, "pool": args.pool, "mean_std": enc.mean_std,
                 "data": {k: v.source for k, v in feats.items()},
                 "skipped_images": {k: v.skipped for k, v in feats.items()},
                 **result, "seconds": {"features": t1 - t0, **result["seconds"], "total": time.perf_counter() - t0}}
         lines.append(line)
         if jax.process_index() == 0:
-            with (out / "probe.jsonl").open("a") as f:
+            with open_jsonl(out / "probe.jsonl", None) as f:  # appended; rewritten whole on a bucket
                 f.write(json.dumps(line) + "\n")
             video = lambda r: f" (video {100 * r['video']['auc']:.2f}%)" if r["video"] else ""
             print(f"step {enc.step}: linear AUC {100 * line['linear']['frame']['auc']:.2f}%{video(line['linear'])} "

@@ -10,12 +10,14 @@ step is used unless ``--step`` is given. ``--to timm`` writes a timm model folde
 ``hf-hub:NAME`` once uploaded to a model hub): ``config.json`` (architecture, arguments, our
 mean/std and input size), ``model.safetensors`` (+ ``pytorch_model.pth`` with ``--pth``, which needs
 torch) and ``pretrain_ds_mean_std.txt``. ``--to fsfm`` writes ``checkpoint-N.pth`` (online) and
-``checkpoint-te-N.pth`` (target) and needs torch. docs/interop.md says more.
+``checkpoint-te-N.pth`` (target) and needs torch. WORKDIR and ``--out`` may be ``gs://`` URIs.
+docs/interop.md says more.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
         if mean_std is None:
             raise FileNotFoundError(f"no {MEAN_STD_FILENAME} beside {args.checkpoint}: the normalisation must travel "
                                     f"with the export; pass --mean-std FILE")
-        out = Path(args.out)
+        out = epath.Path(args.out)
         where = f"{args.checkpoint} step {state.step}"
         if args.to == "timm":
             pools = POOLS if args.pool == "both" else (args.pool,)
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
                                         pools=pools, pth=args.pth, source=_source(args.checkpoint),
                                         step=state.step)
             for pool, folder in folders.items():
-                print(f"{pool}: timm.create_model('local-dir:{folder}', pretrained=True)")
+                local = "://" not in os.fspath(folder)  # timm's local-dir: reads local folders only
+                print(f"{pool}: " + (f"timm.create_model('local-dir:{folder}', pretrained=True)" if local else str(folder)))
         else:
             epoch = state.step if args.epoch is None else args.epoch
             meta = {"model": PUBLISHED_MODEL_NAMES[state.size], "input_size": state.cfg.img_size,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 
 from fsvfm_jax.convert import fsfm_layout
 from fsvfm_jax.convert.pos_embed import grid_size_of
@@ -178,16 +179,17 @@ def published_file_names(epoch: int | str) -> tuple[str, str]:
     return f"checkpoint-{epoch}.pth", f"checkpoint-te-{epoch}.pth"
 
 
-def export_fsfm(out_dir: str | Path, online, target, cfg: FSFMConfig, *, epoch: int, args: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+def export_fsfm(out_dir: epath.PathLike, online, target, cfg: FSFMConfig, *, epoch: int,
+                args: Mapping[str, Any] | None = None) -> tuple[epath.Path, epath.Path]:
     """Write ``checkpoint-{epoch}.pth`` and ``checkpoint-te-{epoch}.pth`` in the published layout.
 
     Each file is ``{'model': state_dict, 'epoch': epoch, 'args': dict}``. The published fine-tuning
     and FAS scripts read only ``checkpoint['model']``; ``args`` is a plain dict (not a Namespace) so
     the files load under torch's default ``weights_only=True``. No optimizer or scaler state is
     written, so the published ``--resume`` starts a fresh optimizer (it only reads them when present).
-    Needs torch.
+    Needs torch. ``out_dir`` may be a URI (``gs://...``).
     """
-    out_dir = Path(out_dir)
+    out_dir = epath.Path(out_dir)
     online_sd = fsfm_layout.to_state_dict(online, cfg, target=False)
     target_sd = fsfm_layout.to_state_dict(target, cfg, target=True)
     # Check what we are about to write against the published layout, exactly.

@@ -25,7 +25,6 @@ import io
 import logging
 import pickle
 import zipfile
-from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
@@ -259,11 +258,12 @@ def _load(f: IO[bytes], path: epath.Path, unsafe: bool) -> Any:
                 f"{' (' + detail[0] + ')' if detail else ''}. {UNSAFE_HINT}") from None
 
 
-def save_pth(path: str | Path, obj: Any) -> None:
+def save_pth(path: epath.PathLike, obj: Any) -> None:
     """Write ``obj`` with ``torch.save``, numpy arrays turned into tensors. Needs torch.
 
     Keep ``obj`` to tensors, numbers, strings, lists and dicts so the file loads under torch's
-    default ``weights_only=True`` (and under our torch-free reader).
+    default ``weights_only=True`` (and under our torch-free reader). ``path`` may be a URI
+    (``gs://...``): torch writes into a file object opened through ``etils.epath``.
     """
     torch = _torch()
     if torch is None:
@@ -283,8 +283,9 @@ def save_pth(path: str | Path, obj: Any) -> None:
             return type(x)(to_torch(v) for v in x)
         return x
 
-    path = Path(path)
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(to_torch(obj), tmp)
+    tmp = path.with_name(path.name + ".tmp")  # a killed write never leaves a truncated file under the name
+    with tmp.open("wb") as f:
+        torch.save(to_torch(obj), f)
     tmp.replace(path)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -158,28 +157,30 @@ def timm_config(cfg: FSFMConfig, size: str, pool: str, mean_std, *, source: str 
     }
 
 
-def write_timm_export(out_dir: str | Path, encoder, cfg: FSFMConfig, size: str, *, mean_std,
+def write_timm_export(out_dir: epath.PathLike, encoder, cfg: FSFMConfig, size: str, *, mean_std,
                       pools=("avg",), pth: bool = False, source: str | None = None,
-                      step: int | None = None) -> dict[str, Path]:
+                      step: int | None = None) -> dict[str, epath.Path]:
     """Write timm model folders: ``config.json`` (:func:`timm_config`), ``model.safetensors``
     (+ ``pytorch_model.pth`` with ``pth``) and the mean/std file.
 
     One pooling mode: ``out_dir`` is the folder, so ``timm.create_model("local-dir:OUT",
     pretrained=True)`` loads it (and ``hf-hub:`` once uploaded). Several: one folder per mode,
-    ``out_dir/<pool>``. Returns ``{pool: folder}``.
+    ``out_dir/<pool>``. ``out_dir`` may be a URI (``gs://...``): every file is written through
+    ``etils.epath``. Returns ``{pool: folder}``.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     if not pools or len(set(pools)) != len(pools):
         raise ValueError(f"pools must be distinct modes from {POOLS}, got {pools!r}")
-    out_dir = Path(out_dir)
+    out_dir = epath.Path(out_dir)
     folders = {}
     for pool in pools:
         folder = out_dir if len(pools) == 1 else out_dir / pool
         folder.mkdir(parents=True, exist_ok=True)
         sd = encoder_to_timm(encoder, cfg, pool)
         config = timm_config(cfg, size, pool, mean_std, source=source, step=step)
-        save_file(sd, str(folder / TIMM_WEIGHTS), metadata={"format": "pt", "architecture": config["architecture"]})
+        metadata = {"format": "pt", "architecture": config["architecture"]}
+        (folder / TIMM_WEIGHTS).write_bytes(save(sd, metadata=metadata))
         if pth:
             save_pth(folder / TIMM_PTH_WEIGHTS, sd)
         (folder / TIMM_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
