@@ -32,6 +32,7 @@ from test_pretrain_tool import SMALL_RUN, faces  # noqa: F401 (faces is a fixtur
 from fsvfm_jax import checkpoint, metrics
 from fsvfm_jax.cli import evaluate
 from fsvfm_jax.cli.export import main as export_main
+from fsvfm_jax.cli.import_fsfm import main as import_main
 from fsvfm_jax.convert import train_state
 from fsvfm_jax.convert.pth import load_pth
 from fsvfm_jax.data import stats
@@ -307,6 +308,15 @@ def test_exports_written_into_the_bucket_read_back_equal_local_ones(bucket, orba
     assert {"avg/model.safetensors", "token/model.safetensors"} <= set(written["timm"])
     if "fsfm" in written:
         assert written["fsfm"] == ["checkpoint-0.pth", "checkpoint-te-0.pth", stats.MEAN_STD_FILENAME]
+        # The published-format files in the bucket import back, into a bucket workdir and an encoder file.
+        assert import_main(["gs://bucket/fsfm/checkpoint-0.pth", "--workdir", "gs://bucket/imported"]) == 0
+        imported = train_state.read_train_state("gs://bucket/imported")
+        np.testing.assert_equal(imported.params, online)
+        np.testing.assert_equal(imported.target, target)
+        assert import_main(["gs://bucket/fsfm/checkpoint-0.pth", "--encoder-only", "--out", "gs://bucket/enc/e.npz"]) == 0
+        with np.load(tmp_path / "bucket" / "enc" / "e.npz") as encoder:
+            np.testing.assert_equal(encoder["patch_embed/proj/kernel"], online["encoder"]["patch_embed"]["proj"]["kernel"])
+        assert stats.read_mean_std("gs://bucket/enc") == (MEAN, STD)
     assert not _mangled(fake.seen) and not (tmp_path / "gs:").exists()
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from etils import epath
 
 from fsvfm_jax import metrics
+from fsvfm_jax.cli.common import absolute_path
 
 
 def _number_list(low: float, high: float):
@@ -141,11 +142,6 @@ def _load(path: str, score_means: str) -> metrics.Predictions:
     return preds
 
 
-def _absolute(path: str) -> str:
-    """A file as metrics.json or probe.jsonl records it: a local path resolved, a URI as given."""
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def _summary(level: str, r: dict) -> str:
     tpr = "  ".join(f"TPR@FPR={k} {100 * v:.2f}%" for k, v in r["tpr_at_fpr"].items())
     line = (f"{level:5s} n={r['n']} (real {r['n_real']}, fake {r['n_fake']})  AUC {100 * r['auc']:.2f}%  "
@@ -163,7 +159,7 @@ def _summary(level: str, r: dict) -> str:
 def run(args) -> dict:
     test = _load(args.predictions, args.score_means)
     val = _load(args.val, args.score_means) if args.val else None
-    result = {"predictions": _absolute(args.predictions), "val_predictions": _absolute(args.val) if args.val else None,
+    result = {"predictions": absolute_path(args.predictions), "val_predictions": absolute_path(args.val) if args.val else None,
               "score": "P(real)" if args.score_means == "real" else "1 - P(fake)",
               **test.report(val, fpr_targets=args.fpr)}
     out = epath.Path(args.out)
@@ -239,7 +235,7 @@ def run_probe(args) -> list[dict]:
         result = probe.probe(feats["train"], feats["test"], feats.get("val"), k=args.k, temperature=args.temperature,
                              wd_grid=args.wd_grid or probe.DEFAULT_WD_GRID, steps=args.lbfgs_steps,
                              val_fraction=args.val_fraction, seed=args.seed, fpr_targets=args.fpr)
-        line = {"source": _absolute(args.probe), "step": enc.step, "size": enc.size, "img_size": enc.img_size,
+        line = {"source": absolute_path(args.probe), "step": enc.step, "size": enc.size, "img_size": enc.img_size,
                 "encoder": args.encoder, "pool": args.pool, "mean_std": enc.mean_std,
                 "data": {k: v.source for k, v in feats.items()},
                 "skipped_images": {k: v.skipped for k, v in feats.items()},

@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
-from fsvfm_jax.cli.common import setup_logging
+from fsvfm_jax.cli.common import absolute_path, setup_logging
 from fsvfm_jax.convert import fsfm_layout
 from fsvfm_jax.convert.fsfm_checkpoint import import_fsfm
 from fsvfm_jax.convert.pth import CheckpointReadError
@@ -58,7 +57,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _sibling_target(online: Path) -> Path | None:
+def _sibling_target(online: epath.Path) -> epath.Path | None:
     m = re.fullmatch(r"checkpoint-(.+)\.pth", online.name)
     if m and not m.group(1).startswith("te-"):
         candidate = online.with_name(f"checkpoint-te-{m.group(1)}.pth")
@@ -67,7 +66,7 @@ def _sibling_target(online: Path) -> Path | None:
     return None
 
 
-def _mean_std_beside(path: Path):
+def _mean_std_beside(path: epath.Path):
     f = path.parent / MEAN_STD_FILENAME
     if f.is_file():
         return read_mean_std(f)
@@ -78,7 +77,7 @@ def _mean_std_beside(path: Path):
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
-    online = Path(args.online)
+    online = epath.Path(args.online)  # a local path or a URI (gs://), read through etils.epath
     try:
         if args.encoder_only == bool(args.workdir):
             raise ValueError("give exactly one of --workdir (continue pretraining) or --encoder-only --out FILE")
@@ -89,14 +88,15 @@ def main(argv=None) -> int:
                                              unsafe=args.unsafe_pickle)
             patch, _, _, width = tree["patch_embed"]["proj"]["kernel"].shape
             img_size = int(round((tree["pos_embed"].shape[1] - 1) ** 0.5)) * patch
-            out = Path(args.out)
+            out = epath.Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(out, **fsfm_layout.flatten(tree))
+            with out.open("wb") as f:
+                np.savez(f, **fsfm_layout.flatten(tree))
             if (online.parent / MEAN_STD_FILENAME).is_file():
-                shutil.copyfile(online.parent / MEAN_STD_FILENAME, out.parent / MEAN_STD_FILENAME)
+                (out.parent / MEAN_STD_FILENAME).write_bytes((online.parent / MEAN_STD_FILENAME).read_bytes())
             print(f"encoder of {online} (width {width}, img_size {img_size}, pool {args.pool}) -> {out}")
             return 0
-        target_path = Path(args.target) if args.target else _sibling_target(online)
+        target_path = epath.Path(args.target) if args.target else _sibling_target(online)
         imported = import_fsfm(online, target_path, expected_size=args.size, unsafe=args.unsafe_pickle)
         target = imported.target
         if target is None:
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
             # size the model uses the table of the new grid (what the published model builds too).
             log.info("img_size %d -> %d: fixed position tables follow the new grid", cfg.img_size, args.img_size)
             cfg = fsfm_config(imported.size, img_size=args.img_size, rep_decoder_pos_embed=cfg.rep_decoder_pos_embed)
-        provenance = {"online": str(online.resolve()), "epoch": imported.epoch,
-                      "target": str(target_path.resolve()) if imported.target is not None else None,
+        provenance = {"online": absolute_path(online), "epoch": imported.epoch,
+                      "target": absolute_path(target_path) if imported.target is not None else None,
                       "target_initialised_from_online": imported.target is None}
         ckpt = write_train_state(args.workdir, imported.online, target, cfg, imported.size, step=args.step,
                                  mean_std=_mean_std_beside(online), provenance=provenance)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -146,22 +145,22 @@ def config_for_state_dict(sd: Mapping[str, np.ndarray], source: str, expected_si
     return size, fsfm_config(size, img_size=grid * geometry.patch_size, rep_decoder_pos_embed=rep)
 
 
-def import_fsfm(online_path: str | Path, target_path: str | Path | None = None, *, expected_size: str | None = None,
-                unsafe: bool = False) -> ImportedFSFM:
+def import_fsfm(online_path: epath.PathLike, target_path: epath.PathLike | None = None, *,
+                expected_size: str | None = None, unsafe: bool = False) -> ImportedFSFM:
     """Read published ``checkpoint-N.pth`` (+ ``checkpoint-te-N.pth``) into our online/target trees.
 
     Every key and shape is checked exactly against the recognised size (fsfm_layout.from_state_dict);
     the stored fixed tables must equal the ones the config computes. ``target`` is ``None`` when no
-    target file is given.
+    target file is given. Both paths may be URIs (``gs://``): they are read through ``etils.epath``.
     """
-    online_path = Path(online_path)
+    online_path = epath.Path(online_path)
     ckpt = load_pth(online_path, unsafe=unsafe)
     sd = model_state_dict(ckpt, str(online_path))
     size, cfg = config_for_state_dict(sd, str(online_path), expected_size)
     online = fsfm_layout.from_state_dict(sd, cfg, target=False, source=str(online_path))
     target = None
     if target_path is not None:
-        target_path = Path(target_path)
+        target_path = epath.Path(target_path)
         tsd = model_state_dict(load_pth(target_path, unsafe=unsafe), str(target_path))
         tsize, tcfg = config_for_state_dict(tsd, str(target_path), size)
         if tcfg != cfg:
