@@ -1,4 +1,4 @@
-"""What the command-line tools share: one logging setup, the ``--shard i/N`` argument."""
+"""What the command-line tools share: one logging setup, the ``--shard i/N`` argument, provenance paths."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import sys
-
 from pathlib import Path
 
 from absl import logging as absl_logging

@@ -159,7 +159,8 @@ def _summary(level: str, r: dict) -> str:
 def run(args) -> dict:
     test = _load(args.predictions, args.score_means)
     val = _load(args.val, args.score_means) if args.val else None
-    result = {"predictions": absolute_path(args.predictions), "val_predictions": absolute_path(args.val) if args.val else None,
+    result = {"predictions": absolute_path(args.predictions),
+              "val_predictions": absolute_path(args.val) if args.val else None,
               "score": "P(real)" if args.score_means == "real" else "1 - P(fake)",
               **test.report(val, fpr_targets=args.fpr)}
     out = epath.Path(args.out)

@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from etils import epath
 
-from fsvfm_jax.cli.common import setup_logging
+from fsvfm_jax.cli.common import absolute_path, setup_logging
 from fsvfm_jax.convert.fsfm_checkpoint import export_fsfm
 from fsvfm_jax.convert.pth import CheckpointReadError
 from fsvfm_jax.convert.timm_export import POOLS, write_timm_export
@@ -50,11 +49,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _source(checkpoint: str) -> str:
-    """The checkpoint as the export records it: an absolute local path; a URI (gs://) unchanged."""
-    return checkpoint if "://" in checkpoint else str(Path(checkpoint).resolve())
-
-
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
@@ -71,7 +65,7 @@ def main(argv=None) -> int:
         if args.to == "timm":
             pools = POOLS if args.pool == "both" else (args.pool,)
             folders = write_timm_export(out, state.params["encoder"], state.cfg, state.size, mean_std=mean_std,
-                                        pools=pools, pth=args.pth, source=_source(args.checkpoint),
+                                        pools=pools, pth=args.pth, source=absolute_path(args.checkpoint),
                                         step=state.step)
             for pool, folder in folders.items():
                 local = "://" not in os.fspath(folder)  # timm's local-dir: reads local folders only
@@ -79,7 +73,7 @@ def main(argv=None) -> int:
         else:
             epoch = state.step if args.epoch is None else args.epoch
             meta = {"model": PUBLISHED_MODEL_NAMES[state.size], "input_size": state.cfg.img_size,
-                    "norm_pix_loss": True, "exported_by": "fsvfm-jax", "source": _source(args.checkpoint),
+                    "norm_pix_loss": True, "exported_by": "fsvfm-jax", "source": absolute_path(args.checkpoint),
                     "step": state.step}
             paths = export_fsfm(out, state.params, state.target, state.cfg, epoch=epoch, args=meta)
             write_mean_std(out / MEAN_STD_FILENAME, *mean_std)
