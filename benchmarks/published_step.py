@@ -19,8 +19,8 @@ CPU thread pool sized by the CPU affinity mask on the other, plus the usual Open
 A child warms up (our compile, the published first-iteration allocations), then times ``--steps``
 steps; it reports the median, and the minor page faults per timed step (fresh pages the kernel
 maps in). Peak memory is the child's ``ru_maxrss`` read by the parent through ``os.wait4``: the
-whole process, compilation included. Prints a table, the ratios, and one JSON
-line per row. See docs/performance.md for the figures on this machine and what changed them.
+whole process, compilation included. Prints a table, the ratios, and one JSON line per row. See
+docs/performance.md for the figures on this machine and what changed them.
 """
 
 from __future__ import annotations

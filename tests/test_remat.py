@@ -57,7 +57,6 @@ def test_auto_remat_is_dense_saveable_on_cpu_and_none_on_accelerators():
     assert remat_policy("full", "cpu") == "full"
 
 
-
 def test_cpu_compile_option_keeps_the_passes_the_user_disabled(monkeypatch):
     """The per-compile option replaces ``--xla_disable_hlo_passes`` from ``XLA_FLAGS``; the user's
     passes must survive it (the last occurrence wins, as in XLA's flag parser)."""
