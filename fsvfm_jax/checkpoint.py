@@ -3,7 +3,7 @@
 ``WORKDIR/checkpoints/<step>/`` holds two items: ``state`` (``{step, params, target, opt,
 nonfinite}``) and, when the pipeline is a Grain iterator, ``data`` (its position), so a resumed run
 sees the same next batches. Restores take target shardings, so a checkpoint restores onto another
-mesh. Paths are ``etils.epath`` paths (:func:`workdir_path`): a local one is made absolute, as
+mesh. Paths are ``etils.epath`` paths (:func:`fsvfm_jax.paths.workdir_path`): a local one is made absolute, as
 Orbax requires, and a URI is never resolved, so ``gs://bucket/run`` stays a bucket path. Which
 steps exist is Orbax's answer (``all_steps``), never a directory listing: a save that was
 interrupted leaves a temporary directory that Orbax neither lists nor restores. See docs/pod.md,
@@ -20,18 +20,13 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fsvfm_jax.paths import workdir_path
+
 STATE, DATA = "state", "data"
 CHECKPOINTS = "checkpoints"
 # Written by tools/import_fsfm.py into the workdir it creates: the checkpoint there holds no
 # input-pipeline position, so a resumed run starts the data from the beginning.
 IMPORT_RECORD = "imported_from.json"
-
-
-def workdir_path(path: str | os.PathLike) -> epath.Path:
-    """``path`` as an ``epath.Path`` that Orbax accepts: a local path made absolute against the
-    current directory (symlinks kept), a URI (``gs://...``) as given."""
-    text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def make_manager(workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = False) -> ocp.CheckpointManager:

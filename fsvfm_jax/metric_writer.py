@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from fsvfm_jax.paths import is_uri
+
 
 def _import_tensorboardx():
     """tensorboardX's package init imports torch when it is installed (the ``torch`` extra, the
@@ -136,7 +138,7 @@ def open_jsonl(path: epath.Path, start_step: int | None):
     if unreadable:
         log.warning("%s: dropped %d unreadable line(s)", path, unreadable)
     text = "".join(line + "\n" for line in kept)
-    if "://" in os.fspath(path):
+    if is_uri(path):
         f = path.open("w")
         f.write(text)
         return f
@@ -150,7 +152,7 @@ def open_jsonl(path: epath.Path, start_step: int | None):
 def attach_log(path: epath.Path) -> logging.Handler:
     """Copy the ``fsvfm_jax`` log into ``path`` (a run's ``train.log``) until :func:`detach_log`.
     An object store (gs://) cannot append: there the file holds this start's lines only."""
-    appendable = "://" not in os.fspath(path)
+    appendable = not is_uri(path)
     handler = logging.StreamHandler(path.open("a" if appendable else "w"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("fsvfm_jax").addHandler(handler)

@@ -38,6 +38,7 @@ from fsvfm_jax.convert.pth import load_pth
 from fsvfm_jax.data import stats
 from fsvfm_jax.models.classifier import ClassifierConfig
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
+from fsvfm_jax.paths import absolute_path, is_uri, workdir_path
 from fsvfm_jax.train import fas_runs, pretrain
 from fsvfm_jax.train.finetune import finetune, load_pretrained_encoder
 
@@ -324,8 +325,11 @@ def test_a_relative_local_workdir_is_made_absolute_for_orbax(tmp_path, monkeypat
     """``--workdir runs/demo`` (the README's demo): Orbax refuses relative paths, so local paths
     are made absolute (against the current directory, symlinks kept); URIs stay as given."""
     monkeypatch.chdir(tmp_path)
-    assert os.fspath(checkpoint.workdir_path("runs/demo")) == os.path.join(str(tmp_path), "runs", "demo")
-    assert os.fspath(checkpoint.workdir_path(WORKDIR)) == WORKDIR
+    assert os.fspath(workdir_path("runs/demo")) == os.path.join(str(tmp_path), "runs", "demo")
+    assert os.fspath(workdir_path(WORKDIR)) == WORKDIR
+    # Provenance records name the resolved file; a URI is never resolved against the disk.
+    assert absolute_path("runs/demo") == os.path.join(os.path.realpath(tmp_path), "runs", "demo")
+    assert absolute_path(WORKDIR) == WORKDIR and is_uri(WORKDIR) and not is_uri("runs/demo")
     manager = checkpoint.make_manager("runs/demo", async_save=True)
     try:
         checkpoint.save(manager, 1, {"w": jax.numpy.arange(3.0)})

@@ -1,4 +1,4 @@
-"""What the command-line tools share: one logging setup, the ``--shard i/N`` argument, provenance paths."""
+"""What the command-line tools share: one logging setup and the ``--shard i/N`` argument."""
 
 from __future__ import annotations
 
@@ -7,19 +7,12 @@ import logging
 import os
 import re
 import sys
-from pathlib import Path
 
 from absl import logging as absl_logging
 
 # Libraries whose INFO lines (checkpoint manager chatter, compilation notes) drown the tools' own.
 QUIET_LOGGERS = ("absl", "orbax", "jax._src")
 LOG_LEVEL_ENV = "FSVFM_LOG_LEVEL"
-
-
-def absolute_path(path: str | os.PathLike) -> str:
-    """A file as a record of provenance names it: a local path resolved, a URI (``gs://``) as given."""
-    text = os.fspath(path)
-    return text if "://" in text else str(Path(text).resolve())
 
 
 def setup_logging(*, timestamps: bool = False) -> None:

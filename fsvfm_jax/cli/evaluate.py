@@ -31,7 +31,7 @@ import numpy as np
 from etils import epath
 
 from fsvfm_jax import metrics
-from fsvfm_jax.cli.common import absolute_path
+from fsvfm_jax.paths import absolute_path
 
 
 def _number_list(low: float, high: float):

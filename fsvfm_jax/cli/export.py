@@ -17,17 +17,17 @@ docs/interop.md says more.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from etils import epath
 
-from fsvfm_jax.cli.common import absolute_path, setup_logging
+from fsvfm_jax.cli.common import setup_logging
 from fsvfm_jax.convert.fsfm_checkpoint import export_fsfm
 from fsvfm_jax.convert.pth import CheckpointReadError
 from fsvfm_jax.convert.timm_export import POOLS, write_timm_export
 from fsvfm_jax.convert.train_state import read_train_state
 from fsvfm_jax.data.stats import MEAN_STD_FILENAME, read_mean_std, write_mean_std
+from fsvfm_jax.paths import absolute_path, is_uri
 
 PUBLISHED_MODEL_NAMES = {"tiny": "fsfm_vit_tiny (test size)", "small": "fsfm_vit_small_patch16",
                          "base": "fsfm_vit_base_patch16", "large": "fsfm_vit_large_patch16",
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                                         pools=pools, pth=args.pth, source=absolute_path(args.checkpoint),
                                         step=state.step)
             for pool, folder in folders.items():
-                local = "://" not in os.fspath(folder)  # timm's local-dir: reads local folders only
+                local = not is_uri(folder)  # timm's local-dir: reads local folders only
                 print(f"{pool}: " + (f"timm.create_model('local-dir:{folder}', pretrained=True)" if local else str(folder)))
         else:
             epoch = state.step if args.epoch is None else args.epoch

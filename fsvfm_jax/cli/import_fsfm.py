@@ -29,7 +29,7 @@ import sys
 import numpy as np
 from etils import epath
 
-from fsvfm_jax.cli.common import absolute_path, setup_logging
+from fsvfm_jax.cli.common import setup_logging
 from fsvfm_jax.convert import fsfm_layout
 from fsvfm_jax.convert.fsfm_checkpoint import import_fsfm
 from fsvfm_jax.convert.pth import CheckpointReadError
@@ -37,6 +37,7 @@ from fsvfm_jax.convert.timm_export import load_encoder_for_finetune
 from fsvfm_jax.convert.train_state import write_train_state
 from fsvfm_jax.data.stats import MEAN_STD_FILENAME, read_mean_std
 from fsvfm_jax.models.fsfm import fsfm_config, shared_subtree
+from fsvfm_jax.paths import absolute_path
 
 log = logging.getLogger("import_fsfm")
 

@@ -27,6 +27,7 @@ from fsvfm_jax.convert import fsfm_layout
 from fsvfm_jax.convert.fsfm_checkpoint import encoder_geometry, identify_size
 from fsvfm_jax.data.stats import MEAN_STD_FILENAME, read_mean_std, write_mean_std
 from fsvfm_jax.models.fsfm import FSFMConfig, fsfm_config
+from fsvfm_jax.paths import workdir_path
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class TrainStateOnHost:
 def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path | None, epath.Path, int]:
     """``WORKDIR``, ``WORKDIR/checkpoints`` or ``WORKDIR/checkpoints/<step>`` -> (workdir, step dir,
     step), among the checkpoints Orbax lists as finished (an interrupted save is never read)."""
-    path = checkpoint.workdir_path(path)
+    path = workdir_path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or workdir")
     if path.name.isdigit() and (path / STATE_ITEM).is_dir():
@@ -129,7 +130,7 @@ def write_train_state(workdir: str | os.PathLike, online, target, cfg: FSFMConfi
     from fsvfm_jax.optim import at_step, make_optimizer
     from fsvfm_jax.train.step import init_state
 
-    workdir = checkpoint.workdir_path(workdir)
+    workdir = workdir_path(workdir)
     if checkpoint.finished_steps(workdir / checkpoint.CHECKPOINTS):
         raise FileExistsError(f"{workdir} already holds checkpoints; choose a new workdir")
     if config is None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from fsvfm_jax import checkpoint
 from fsvfm_jax.data.fas import get_protocol
+from fsvfm_jax.paths import workdir_path
 from fsvfm_jax.train.finetune import finetune
 
 log = logging.getLogger("fsvfm_jax.fas")
@@ -66,7 +67,7 @@ def mean_std(runs: Sequence[dict]) -> dict:
 def run_protocols(config, workdir: str | os.PathLike, protocols: Sequence[str], seeds: Sequence[int]) -> dict:
     """Run (or read back) every (protocol, seed); write and return the summary. ``protocols``:
     published names (``M``, ``cefa``, ...), or one label when ``config.fas.sources`` names the domains."""
-    workdir = checkpoint.workdir_path(workdir)
+    workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     summary = {"protocols": {}, "seeds": list(seeds),
                "note": "hter/auc: model and threshold chosen on the source domains' validation images; "

@@ -36,6 +36,7 @@ from fsvfm_jax.data import fas, labeled, stats
 from fsvfm_jax.metric_writer import METRICS_FILENAME, attach_log, detach_log, open_jsonl
 from fsvfm_jax.models.classifier import ClassifierConfig, count_params, init_classifier, merge_encoder, split_trainable
 from fsvfm_jax.optim import absolute_lr, lr_schedule, make_finetune_optimizer
+from fsvfm_jax.paths import workdir_path
 from fsvfm_jax.train import finetune_step as fs
 from fsvfm_jax.train.step import jit_train_step
 
@@ -226,7 +227,7 @@ def _periodic_test_row(report: dict) -> dict:
 def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, resume: bool = False) -> dict:
     """Fine-tune (or resume), select on validation (``select_on``), predict every test set. Returns
     the results (also written to ``WORKDIR/results.json``)."""
-    workdir = checkpoint.workdir_path(workdir)
+    workdir = workdir_path(workdir)
     log_handler = _setup_workdir(workdir, config, resume)
     try:
         return _run(config, workdir, resume)

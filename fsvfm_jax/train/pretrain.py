@@ -32,6 +32,7 @@ from fsvfm_jax.data.pipeline import make_pretrain_dataset
 from fsvfm_jax.metric_writer import MetricWriter, attach_log, detach_log
 from fsvfm_jax.models.fsfm import fsfm_config, init_params
 from fsvfm_jax.optim import absolute_lr, lr_schedule, make_optimizer, momentum_schedule
+from fsvfm_jax.paths import workdir_path
 from fsvfm_jax.progress import Progress
 from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_train_step
 from fsvfm_jax.visualize import make_preview
@@ -170,7 +171,7 @@ class _Preemption:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, resume: bool | None = None) -> dict:
     """Run pretraining, resuming from the workdir's latest checkpoint when it holds one
     (``resume=True`` requires one, ``False`` refuses one); returns the last logged metrics."""
-    workdir = checkpoint.workdir_path(workdir)
+    workdir = workdir_path(workdir)
     records = pretraining_records(config)
     manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     preemption = _Preemption(manager)
