@@ -79,6 +79,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform a program for ``mesh`` compiles for ("cpu", "gpu", "tpu"): its devices', which
+    can differ from the host's default backend (a TPU topology described on a CPU host)."""
+    return mesh.devices.flat[0].platform
+
+
 def compiler_options(mesh: Mesh) -> dict:
     """XLA options for a train step on ``mesh``. On CPU, XLA drops the optimisation barriers that
     ``jax.checkpoint`` places around recomputed values before its common-subexpression pass, which
@@ -88,7 +94,7 @@ def compiler_options(mesh: Mesh) -> dict:
 
     A per-compile option replaces the flag from ``XLA_FLAGS``, so passes the user disabled there
     (``--xla_disable_hlo_passes=...``) are carried over."""
-    if mesh.devices.flat[0].platform != "cpu":
+    if mesh_platform(mesh) != "cpu":
         return {}
     passes = [p for p in _xla_flag("xla_disable_hlo_passes").split(",") if p]
     return {"xla_disable_hlo_passes": ",".join(dict.fromkeys([*passes, "cse_barrier_expander"]))}

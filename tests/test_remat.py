@@ -69,3 +69,29 @@ def test_cpu_compile_option_keeps_the_passes_the_user_disabled(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                                     "--xla_disable_hlo_passes=rematerialization")
     assert sharding.compiler_options(mesh) == {"xla_disable_hlo_passes": "rematerialization,cse_barrier_expander"}
+
+
+def test_the_step_traces_its_dense_layers_for_the_mesh_platform(monkeypatch):
+    """``jit_train_step`` traces for its mesh's platform, not the host's backend: a mesh of TPU
+    devices described on this CPU host gets no CPU-form barriers in its dense-layer gradients."""
+    from fsvfm_jax.train import step as step_module
+
+    def barriers(platform):
+        monkeypatch.setattr(step_module, "mesh_platform", lambda mesh: platform)
+        cfg = fsfm_config("tiny", img_size=32)
+        optimizer = make_optimizer(1e-3)
+        loss = make_loss_fn(cfg, mask_ratio=0.75, mean=[0.5] * 3, std=[0.25] * 3)
+        mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        init = lambda: init_state(*init_params(cfg, jax.random.key(0)), optimizer)
+        shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
+        step = jit_train_step(make_train_step(loss, optimizer, lr_fn=lambda s: 1e-3, momentum_fn=lambda s: 0.99,
+                                              mesh=mesh, state_shardings=shardings), shardings, mesh)
+        batch = dict(image=jax.ShapeDtypeStruct((2, 32, 32, 3), np.uint8),
+                     img_mask=jax.ShapeDtypeStruct((2, 4), np.bool_), fr_mask=jax.ShapeDtypeStruct((2, 4), np.bool_))
+        return step.lower(jax.eval_shape(init), batch).as_text().count("optimization_barrier")
+
+    online, _ = init_params(fsfm_config("tiny", img_size=32), jax.random.key(0))
+    keys = [[entry.key for entry in path] for path, _ in jax.tree_util.tree_leaves_with_path(online)]
+    dense_layers = sum(1 for k in keys if k[-1] == "kernel" and "patch_embed" not in k)  # 28: the conv is not one
+    # With no remat, the only barriers are the CPU form's: one per dense-layer kernel gradient.
+    assert (barriers("cpu"), barriers("tpu")) == (dense_layers, 0)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsvfm_jax.models.vit import Attention, dense_product
+from fsvfm_jax.models.vit import Attention, dense_product, dense_products_for
 
 
 def _softmax(z):
@@ -78,3 +78,21 @@ def test_dense_product_value_and_gradients_match_numpy():
     np.testing.assert_allclose(value, x64 @ k64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad_x, g64 @ k64.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad_kernel, x64.reshape(-1, 5).T @ g64.reshape(-1, 6), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_product_form_follows_the_platform_it_is_traced_for():
+    """The explicit-transpose gradient is a CPU form: traced for another platform (a TPU topology
+    compiled from this host) the gradient is the plain product, with no barrier, same numbers."""
+    rng = np.random.default_rng(3)
+    x, kernel, g = (rng.standard_normal(s).astype(np.float32) for s in ((4, 5), (5, 6), (4, 6)))
+
+    def grads():
+        return jax.make_jaxpr(lambda x, k: jax.vjp(dense_product, x, k)[1](g))(x, kernel)
+
+    assert "optimization_barrier" in str(grads())  # this host's default backend is CPU
+    with dense_products_for("tpu"):
+        assert "optimization_barrier" not in str(grads())
+        plain = jax.vjp(dense_product, x, kernel)[1](g)
+    assert "optimization_barrier" in str(grads())  # the context ends with the block
+    for got, want in zip(plain, jax.vjp(dense_product, x, kernel)[1](g)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

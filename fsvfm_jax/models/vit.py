@@ -8,6 +8,8 @@ a transpose. Numerics follow timm 0.4.5 as used by the published code: pre-norm 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -109,15 +111,32 @@ def _cpu_dense_product_bwd(residuals, grad):
 _cpu_dense_product.defvjp(_cpu_dense_product_fwd, _cpu_dense_product_bwd)
 
 
+_DENSE_PRODUCT_PLATFORM = contextvars.ContextVar("dense_product_platform", default=None)
+
+
+@contextlib.contextmanager
+def dense_products_for(platform: str):
+    """Trace dense layers for ``platform`` rather than for the default backend. A step compiled
+    for a TPU topology from a CPU host (``fsvfm-plan --topology``) must not get the CPU form
+    of :func:`dense_product`; :func:`~fsvfm_jax.train.step.jit_train_step` traces under its
+    mesh's platform, the one its compiler options follow."""
+    token = _DENSE_PRODUCT_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _DENSE_PRODUCT_PLATFORM.reset(token)
+
+
 def dense_product(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """``x @ kernel`` over the last axis of ``x``, as a dense layer computes it.
 
     On CPU the kernel's gradient ``x^T @ grad`` (a product over all tokens) is taken from an
     explicit transpose of ``x``. Left to itself, XLA's CPU backend transposes ``grad`` and runs a
     transposed product that reaches 121-135 GFLOP/s on the MLP shapes of an S/16 step, against
-    149-172 for this form (docs/performance.md). Other backends get the plain product.
+    149-172 for this form (docs/performance.md). Other platforms get the plain product. The
+    platform is the one :func:`dense_products_for` names, else the default backend.
     """
-    if jax.default_backend() == "cpu":
+    if (_DENSE_PRODUCT_PLATFORM.get() or jax.default_backend()) == "cpu":
         return _cpu_dense_product(x, kernel)
     return _product(x, kernel)
 

@@ -28,9 +28,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fsvfm_jax.losses import pretrain_loss
 from fsvfm_jax.models.fsfm import FSFMConfig, FSFMOnline, FSFMTarget, params_for_apply
-from fsvfm_jax.models.vit import patchify
+from fsvfm_jax.models.vit import dense_products_for, patchify
 from fsvfm_jax.optim import at_step, ema_update
-from fsvfm_jax.sharding import BATCH_AXES, batch_sharding, compiler_options, replicated
+from fsvfm_jax.sharding import BATCH_AXES, batch_sharding, compiler_options, mesh_platform, replicated
 
 EMA_CADENCES = ("step", "micro", "frozen")
 
@@ -218,10 +218,11 @@ def make_train_step(loss_fn: Loss, optimizer: optax.GradientTransformation, *, l
 def jit_train_step(train_step, state_shardings, mesh):
     """Compile a pretraining or fine-tuning step for a mesh: state placed by ``state_shardings``,
     batch split over the batch axes, metrics replicated, the input state donated (updated in
-    place), remat policies kept (:func:`~fsvfm_jax.sharding.compiler_options`)."""
+    place), remat policies kept (:func:`~fsvfm_jax.sharding.compiler_options`), dense layers traced
+    for the mesh's platform (:func:`~fsvfm_jax.models.vit.dense_products_for`)."""
 
     def step_on_mesh(state, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), dense_products_for(mesh_platform(mesh)):
             return train_step(state, batch)
 
     return jax.jit(step_on_mesh, in_shardings=(state_shardings, batch_sharding(mesh)),
