@@ -17,8 +17,8 @@ from fsvfm_jax.train.step import init_state, jit_train_step, make_loss_fn, make_
 POLICIES = ("none", "dots_saveable", "dense_saveable", "full")
 
 
-def _one_step(remat: str):
-    cfg = fsfm_config("tiny", img_size=64, remat=remat)
+def _jitted_step(cfg):
+    """The tiny model's train step on a one-device mesh: ``(step, init, shardings, mesh)``."""
     optimizer = make_optimizer(1e-3)
     loss = make_loss_fn(cfg, mask_ratio=0.75, mean=[0.5] * 3, std=[0.25] * 3)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
@@ -26,6 +26,11 @@ def _one_step(remat: str):
     shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
     step = jit_train_step(make_train_step(loss, optimizer, lr_fn=lambda s: 1e-3, momentum_fn=lambda s: 0.99,
                                           mesh=mesh, state_shardings=shardings), shardings, mesh)
+    return step, init, shardings, mesh
+
+
+def _one_step(remat: str):
+    step, init, shardings, mesh = _jitted_step(fsfm_config("tiny", img_size=64, remat=remat))
     rng = np.random.default_rng(0)
     mask = np.argsort(rng.random((32, 16)), axis=1) < 12
     batch = dict(image=rng.integers(0, 256, (32, 64, 64, 3), dtype=np.uint8), img_mask=mask, fr_mask=mask)
@@ -78,14 +83,7 @@ def test_the_step_traces_its_dense_layers_for_the_mesh_platform(monkeypatch):
 
     def barriers(platform):
         monkeypatch.setattr(step_module, "mesh_platform", lambda mesh: platform)
-        cfg = fsfm_config("tiny", img_size=32)
-        optimizer = make_optimizer(1e-3)
-        loss = make_loss_fn(cfg, mask_ratio=0.75, mean=[0.5] * 3, std=[0.25] * 3)
-        mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        init = lambda: init_state(*init_params(cfg, jax.random.key(0)), optimizer)
-        shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
-        step = jit_train_step(make_train_step(loss, optimizer, lr_fn=lambda s: 1e-3, momentum_fn=lambda s: 0.99,
-                                              mesh=mesh, state_shardings=shardings), shardings, mesh)
+        step, init, _, _ = _jitted_step(fsfm_config("tiny", img_size=32))
         batch = dict(image=jax.ShapeDtypeStruct((2, 32, 32, 3), np.uint8),
                      img_mask=jax.ShapeDtypeStruct((2, 4), np.bool_), fr_mask=jax.ShapeDtypeStruct((2, 4), np.bool_))
         return step.lower(jax.eval_shape(init), batch).as_text().count("optimization_barrier")
