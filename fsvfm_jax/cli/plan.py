@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--global-batch", type=int, help="override global_batch_size")
     p.add_argument("--per-device-batch", type=int, help="override per_device_batch")
     p.add_argument("--img-size", type=int, help="override model.img_size")
+    p.add_argument("--fsdp-min-size", type=int,
+                   help="override mesh.fsdp_min_size: kernels with fewer elements stay whole on every device")
     p.add_argument("--scan-blocks", action="store_true", help="model.scan_blocks=True (much faster compiles at L/H)")
     p.add_argument("--platform", default="gpu", choices=("gpu", "tpu", "cpu"),
                    help='the target backend: sets what model.dtype="auto" means (bf16 on gpu/tpu)')
@@ -154,6 +156,8 @@ def main(argv=None):
         config.per_device_batch = args.per_device_batch
     if args.img_size:
         config.model.img_size = args.img_size
+    if args.fsdp_min_size is not None:
+        config.mesh.fsdp_min_size = args.fsdp_min_size
     if args.scan_blocks:
         config.model.scan_blocks = True
     n = len(devices)
